@@ -1,0 +1,57 @@
+# shardlab: two commands for learners (make lab, make test), a few for maintainers.
+#
+# Outside conda, everything runs in ./.venv, created and updated on demand.
+# Inside an activated conda environment (conda env create -f environment.yml),
+# the environment's own python is used and no venv is made.
+
+PYTHON ?= python3
+LAB_ARGS ?=
+NBVAL = --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+ifneq ($(CONDA_PREFIX),)
+ifneq ($(CONDA_DEFAULT_ENV),base)
+USE_VENV ?= no
+endif
+endif
+USE_VENV ?= yes
+
+ifeq ($(USE_VENV),yes)
+BIN := .venv/bin/
+STAMP := .venv/.shardlab-installed
+else
+BIN :=
+STAMP :=
+endif
+
+.PHONY: lab test test-unit test-notebooks notebooks venv clean bench
+
+venv: $(STAMP)
+
+.venv/.shardlab-installed: pyproject.toml
+	test -x .venv/bin/python || $(PYTHON) -m venv .venv
+	.venv/bin/python -m pip install --quiet --upgrade pip
+	.venv/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+lab: venv
+	$(BIN)python -m jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: test-unit test-notebooks
+
+test-unit: venv
+	$(BIN)python -m pytest -q tests
+
+test-notebooks: venv
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		$(BIN)python -m pytest -q $(NBVAL) notebooks/; \
+	else echo "no notebooks yet"; fi
+
+# Re-execute every notebook in place (fresh kernel each). The only way outputs change.
+notebooks: venv
+	$(BIN)python tools/run_notebooks.py $(NB)
+
+bench: venv
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)python $$b || exit 1; done
+
+clean:
+	rm -rf notebooks/shard_data shard_data artifacts .pytest_cache

@@ -1,0 +1,55 @@
+"""shardlib: horizontal sharding with SQLAlchemy's ``ShardedSession`` under asyncio.
+
+A small teaching library grown from SQLAlchemy's asyncio sharding example:
+weather locations sharded by continent over four databases, their reports
+stored alongside, correct and precise query routing, and cheap global ids.
+
+Quick tour::
+
+    import shardlib
+    from shardlib import WeatherLocation, Report
+
+    engines = shardlib.make_engines()          # four SQLite files in shard_data/
+    await shardlib.reset(engines)              # empty tables, counter at 1
+    Session = shardlib.make_sessionmaker(engines)
+
+    async with Session() as session:
+        session.add(WeatherLocation("Asia", "Tokyo"))
+        await session.commit()
+
+    await shardlib.show_shards(engines, "weather_locations")
+
+Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
+layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
+:mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
+:mod:`~shardlib.session`, :mod:`~shardlib.display` and
+:mod:`~shardlib.upstream` (the seed's choosers, for comparison).
+"""
+
+from __future__ import annotations
+
+from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows, show_shards, trace
+from .engines import check_engines, dispose, make_engines, parse_urls, reset
+from .ids import IdAllocator
+from .models import Base, Report, WeatherLocation, id_counter
+from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
+from .session import ShardlibSession, make_sessionmaker, move_location
+from .shards import (
+    CONTINENTS,
+    COUNTER_SHARD,
+    SHARD_BITS,
+    SHARD_FOR_CONTINENT,
+    SHARD_IDS,
+    make_id,
+    shard_for_continent,
+    shard_for_id,
+)
+
+__all__ = [
+    "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
+    "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
+    "check_engines", "dispose", "execute_chooser", "id_counter", "identity_chooser",
+    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
+    "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
+    "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
+]

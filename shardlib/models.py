@@ -1,0 +1,95 @@
+"""The mapped classes: weather locations (sharded by continent) and their reports.
+
+Same domain as SQLAlchemy's sharding example. Two differences matter:
+
+* ``WeatherLocation.id`` has no column default. Ids are handed out by
+  :mod:`shardlib.ids` once per flush (not one transaction per row, as the seed
+  does), and each id names its shard in its low bits.
+* ``continent`` is checked the moment it is assigned: an unknown continent
+  raises ``ValueError`` before the object can reach a session.
+
+``Report.id`` is a plain, shard-local autoincrement key, so the same report id
+exists on several shards; the ORM keeps them apart by *identity token*.
+
+``Base`` includes :class:`~sqlalchemy.ext.asyncio.AsyncAttrs`, so under asyncio
+a lazy relationship can be awaited instead of raising::
+
+    reports = await location.awaitable_attrs.reports
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
+from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
+
+from .shards import shard_for_continent
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    """Declarative base for every sharded table (created on every shard)."""
+
+
+class WeatherLocation(Base):
+    """A city; stored on the shard of its continent."""
+
+    __tablename__ = "weather_locations"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    continent: Mapped[str] = mapped_column(String(50))
+    city: Mapped[str] = mapped_column(String(100))
+
+    reports: Mapped[list[Report]] = relationship(
+        back_populates="location", cascade="all, delete-orphan"
+    )
+
+    def __init__(self, continent: str, city: str) -> None:
+        self.continent = continent
+        self.city = city
+
+    @validates("continent")
+    def _check_continent(self, key: str, continent: str) -> str:
+        shard_for_continent(continent)  # raises ValueError naming the bad value
+        return continent
+
+    def __repr__(self) -> str:
+        return f"WeatherLocation(id={self.id!r}, continent={self.continent!r}, city={self.city!r})"
+
+
+class Report(Base):
+    """A temperature reading; stored on the same shard as its location."""
+
+    __tablename__ = "weather_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    location_id: Mapped[int] = mapped_column(ForeignKey("weather_locations.id"))
+    temperature: Mapped[float]
+    report_time: Mapped[datetime.datetime] = mapped_column(default=datetime.datetime.now)
+
+    location: Mapped[WeatherLocation] = relationship(back_populates="reports")
+
+    def __init__(
+        self, temperature: float, report_time: datetime.datetime | None = None
+    ) -> None:
+        self.temperature = temperature
+        if report_time is not None:
+            self.report_time = report_time
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(id={self.id!r}, location_id={self.location_id!r}, "
+            f"temperature={self.temperature!r})"
+        )
+
+
+counter_metadata = MetaData()
+"""Metadata for tables that live on :data:`~shardlib.shards.COUNTER_SHARD` only."""
+
+id_counter = Table(
+    "id_counter",
+    counter_metadata,
+    Column("next_value", Integer, nullable=False),
+)
+"""One row, one column: the next unused global sequence number."""

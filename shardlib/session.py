@@ -1,0 +1,169 @@
+"""The session: ``ShardedSession`` under asyncio, with shardlib's choosers and ids.
+
+::
+
+    Session = make_sessionmaker(engines)
+    async with Session() as session:
+        session.add(WeatherLocation("Asia", "Tokyo"))
+        await session.commit()
+
+``async_sessionmaker(sync_session_class=ShardedSession, shards=...)`` is the
+asyncio spelling: the shards are the engines' ``sync_engine`` objects, used
+inside the implicitly awaited internals.
+
+Before every flush, :class:`ShardlibSession`
+
+* validates every new or changed object **before any SQL runs**, so a batch
+  with one bad continent writes nothing anywhere;
+* gives new locations their global ids (:mod:`shardlib.ids`), one counter
+  statement per flush at most;
+* orders pending objects by shard, so the unit of work sends each shard one
+  batched INSERT per table even when objects were added in interleaved order
+  (it groups consecutive rows that share a connection).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from sqlalchemy import event, inspect
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.orm import Session, SessionTransaction
+
+from . import routing, upstream
+from .engines import check_engines
+from .ids import allocator_for
+from .models import Report, WeatherLocation
+from .shards import COUNTER_SHARD, SHARD_IDS, make_id, shard_for_continent, shard_for_id
+
+_CONNECTED = "shardlib.connected_shards"
+
+
+class ShardlibSession(ShardedSession):
+    """A ``ShardedSession`` that allocates global ids and validates before flushing."""
+
+
+@event.listens_for(ShardlibSession, "after_begin")
+def _remember_connection(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    session.info.setdefault(_CONNECTED, set()).add(connection.engine)
+
+
+@event.listens_for(ShardlibSession, "after_transaction_end")
+def _forget_connections(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_CONNECTED, None)
+
+
+@event.listens_for(ShardlibSession, "before_flush")
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    new = list(session.new)
+    shard_index = {}
+    for obj in new:  # 1. validate everything first: nothing is written on error
+        shard = routing.shard_of(obj)
+        if isinstance(obj, WeatherLocation) and obj.id is not None and shard_for_id(obj.id) != shard:
+            raise ValueError(
+                f"{obj!r}: id {obj.id} names shard {shard_for_id(obj.id)!r}, but "
+                f"continent {obj.continent!r} is stored on {shard!r}; leave id unset "
+                f"and shardlib will allocate one"
+            )
+        shard_index[obj] = SHARD_IDS.index(shard)
+    for obj in session.dirty:
+        if isinstance(obj, WeatherLocation) and inspect(obj).key is not None:
+            stored_on = inspect(obj).key[2]
+            wanted = shard_for_continent(obj.continent)
+            if wanted != stored_on:
+                raise ValueError(
+                    f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
+                    f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
+                    f"await shardlib.move_location(session, location, {obj.continent!r})"
+                )
+
+    needs_id = [o for o in new if isinstance(o, WeatherLocation) and o.id is None]
+    if needs_id:  # 2. one allocation for the whole flush
+        allocator = session.info.get("shardlib.allocator")
+        if allocator is None:
+            raise RuntimeError("session was not made by shardlib.make_sessionmaker()")
+        own = None
+        if allocator.engine in session.info.get(_CONNECTED, ()):
+            own = session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
+        numbers = allocator.allocate(len(needs_id), own_connection=own)
+        for obj, number in zip(needs_id, numbers):
+            obj.id = make_id(number, SHARD_IDS[shard_index[obj]])
+
+    # 3. group pending rows by shard, keeping their order within a shard
+    states = sorted(
+        (inspect(o) for o in new), key=lambda s: (shard_index[s.obj()], s.insert_order or 0)
+    )
+    for position, state in enumerate(states):
+        state.insert_order = position
+
+
+Routing = Literal["shardlib", "upstream"]
+
+
+def make_sessionmaker(
+    engines: dict[str, AsyncEngine], *, routing_rules: Routing = "shardlib", **kw: Any
+) -> async_sessionmaker[AsyncSession]:
+    """An ``async_sessionmaker`` of sharded sessions over ``engines``.
+
+    ``routing_rules="upstream"`` swaps in the seed example's identity and
+    execute choosers (every ``get()`` and every SELECT visits all four shards)
+    so the notebooks can compare; ids and validation stay shardlib's.
+    Extra keyword arguments go to ``async_sessionmaker`` (e.g. ``twophase=True``).
+    """
+    check_engines(engines)
+    if routing_rules == "shardlib":
+        choosers = dict(
+            shard_chooser=routing.shard_chooser,
+            identity_chooser=routing.identity_chooser,
+            execute_chooser=routing.execute_chooser,
+        )
+    elif routing_rules == "upstream":
+        choosers = dict(
+            shard_chooser=routing.shard_chooser,
+            identity_chooser=upstream.identity_chooser,
+            execute_chooser=upstream.execute_chooser,
+        )
+    else:
+        raise ValueError(f"unknown routing_rules {routing_rules!r}; valid: 'shardlib', 'upstream'")
+    info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    info.update(kw.pop("info", {}))
+    return async_sessionmaker(
+        sync_session_class=ShardlibSession,
+        expire_on_commit=kw.pop("expire_on_commit", False),
+        shards={shard: engines[shard].sync_engine for shard in SHARD_IDS},
+        info=info,
+        **choosers,
+        **kw,
+    )
+
+
+async def move_location(session: AsyncSession, location: WeatherLocation, continent: str) -> WeatherLocation:
+    """Move a stored location (and its reports) to ``continent``'s shard.
+
+    A shard is chosen when a row is inserted; an UPDATE cannot move it. So the
+    move is a delete on the old shard and an insert, under a **new id** (ids
+    name their shard), on the new one. Both happen at the next commit; on
+    SQLite the two shards commit separately (see notebook 08 for what that
+    means when one of them fails). Returns the new object.
+    """
+    target = shard_for_continent(continent)
+    state = inspect(location)
+    if state.key is None:
+        raise ValueError(f"{location!r} is not stored yet; just set its continent")
+    if state.key[2] == target:
+        location.continent = continent
+        return location
+    reports = await location.awaitable_attrs.reports
+    copies = [Report(r.temperature, r.report_time) for r in reports]
+    await session.delete(location)
+    await session.flush()
+    moved = WeatherLocation(continent, location.city)
+    moved.reports.extend(copies)
+    session.add(moved)
+    await session.flush()
+    return moved
+
+
+__all__ = ["ShardlibSession", "make_sessionmaker", "move_location"]
