@@ -58,6 +58,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
+    AsBoolean,
     BinaryExpression,
     BindParameter,
     BooleanClauseList,
@@ -271,6 +272,9 @@ def to_tree(expr: Any, params: Mapping[str, Any] | None = None) -> Node:
         if expr.operator is operators.or_:
             return Or(children)
         return Free(("expr", id(expr)))
+    if isinstance(expr, AsBoolean) and isinstance(expr.element, (True_, False_)):
+        inner = to_tree(expr.element, params)  # where(false()) arrives wrapped
+        return inner if expr.operator is operators.is_true else Not(inner)
     if isinstance(expr, UnaryExpression) and expr.operator is operators.inv:
         return Not(to_tree(expr.element, params))
     if isinstance(expr, BinaryExpression):
