@@ -35,13 +35,25 @@ from . import routing, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
-from .shards import COUNTER_SHARD, SHARD_IDS, make_id, shard_for_continent, shard_for_id
+from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
 
 _CONNECTED = "shardlib.connected_shards"
 
 
 class ShardlibSession(ShardedSession):
     """A ``ShardedSession`` that allocates global ids and validates before flushing."""
+
+    def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
+                 clause: Any = None, **kw: Any) -> Any:
+        if shard_id is None and mapper is None and instance is None:
+            raise ValueError(
+                "no shard given: a sharded session cannot guess which database you mean; "
+                "pass bind_arguments={'shard_id': ...} with one of "
+                + ", ".join(map(repr, SHARD_IDS))
+            )
+        if shard_id is not None:
+            check_shard_id(shard_id)
+        return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
 
 @event.listens_for(ShardlibSession, "after_begin")
