@@ -77,7 +77,7 @@ def trace(engines: Mapping[str, AsyncEngine | Engine]) -> Iterator[Trace]:
                    executemany: bool, _shard: str = shard) -> None:
             recorder.records.append(
                 {"shard": _shard, "sql": _one_line(statement), "params": _short(parameters),
-                 "executemany": executemany}
+                 "raw_params": parameters, "executemany": executemany}
             )
 
         event.listen(sync_engine, "before_cursor_execute", before)

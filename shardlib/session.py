@@ -122,7 +122,9 @@ def make_sessionmaker(
     ``routing_rules="upstream"`` swaps in the seed example's identity and
     execute choosers (every ``get()`` and every SELECT visits all four shards)
     so the notebooks can compare; ids and validation stay shardlib's.
-    Extra keyword arguments go to ``async_sessionmaker`` (e.g. ``twophase=True``).
+    ``shard_chooser=``, ``identity_chooser=`` or ``execute_chooser=`` replace
+    one chooser (to experiment with your own). Other keyword arguments go to
+    ``async_sessionmaker`` (e.g. ``twophase=True``).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -139,6 +141,9 @@ def make_sessionmaker(
         )
     else:
         raise ValueError(f"unknown routing_rules {routing_rules!r}; valid: 'shardlib', 'upstream'")
+    for name in ("shard_chooser", "identity_chooser", "execute_chooser"):
+        if name in kw:  # your own chooser replaces one of ours
+            choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
