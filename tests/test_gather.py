@@ -224,3 +224,22 @@ def test_property_ordered_sliced_rows(gw, statement) -> None:
 @given(statement=group_queries())
 def test_property_grouped_aggregates(gw, statement) -> None:
     check(gw, statement)
+
+
+def test_injected_latency_sleeps_off_the_event_loop_thread(gw, monkeypatch) -> None:
+    import threading
+
+    from shardlib import latency
+
+    run, engines, _ = gw
+    threads = []
+    monkeypatch.setattr(latency, "_sleep", lambda s: threads.append((threading.get_ident(), s)) or 0)
+    with latency.injected_latency(engines, 0.001):
+        run(gather(engines, select(func.count()).select_from(WL)))
+    assert len(threads) == 4 and all(s == 0.001 for _, s in threads)
+    assert threading.get_ident() not in {t for t, _ in threads}
+    run(gather(engines, select(func.count()).select_from(WL)))
+    assert len(threads) == 4  # removed after the block
+    with pytest.raises(ValueError, match="latency must be >= 0"):
+        with latency.injected_latency(engines, -1):
+            pass
