@@ -43,6 +43,7 @@ test-unit: venv
 
 test-notebooks: venv
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		$(BIN)python -c "import matplotlib.pyplot" && \
 		$(BIN)python -m pytest -q $(NBVAL) notebooks/; \
 	else echo "no notebooks yet"; fi
 

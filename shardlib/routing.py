@@ -415,9 +415,10 @@ def shards_for(
 # --------------------------------------------------------------------------
 
 
-def shard_of(instance: object) -> str:
+def shard_of(instance: object, state: Any = None) -> str:
     """The shard an object is (or will be) stored on; ``ValueError`` if it has none."""
-    state = inspect(instance)
+    if state is None:
+        state = inspect(instance)
     if state.key is not None:
         return state.key[2]
     if isinstance(instance, WeatherLocation):

@@ -30,6 +30,7 @@ from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.attributes import instance_state
 
 from . import routing, upstream
 from .engines import check_engines
@@ -38,6 +39,7 @@ from .models import Report, WeatherLocation
 from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
 
 _CONNECTED = "shardlib.connected_shards"
+_CONNECTIONS = "shardlib.flush_connections"
 
 
 class ShardlibSession(ShardedSession):
@@ -55,6 +57,22 @@ class ShardlibSession(ShardedSession):
             check_shard_id(shard_id)
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
+    def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
+                            **kw: Any) -> Any:
+        """The flush asks for a connection once per row; answer from a per-transaction cache."""
+        if shard_id is None:
+            token = instance_state(instance).identity_token if instance is not None else None
+            shard_id = token or self._choose_shard_and_assign(mapper, instance)
+        transaction = self.get_transaction()
+        if transaction is None:
+            return super().connection_callable(mapper, instance, shard_id=shard_id, **kw)
+        cache = self.info.setdefault(_CONNECTIONS, {})
+        key = (id(transaction), shard_id)
+        connection = cache.get(key)
+        if connection is None:
+            connection = cache[key] = transaction.connection(mapper, shard_id=shard_id)
+        return connection
+
 
 @event.listens_for(ShardlibSession, "after_begin")
 def _remember_connection(session: Session, transaction: SessionTransaction, connection: Any) -> None:
@@ -65,21 +83,29 @@ def _remember_connection(session: Session, transaction: SessionTransaction, conn
 def _forget_connections(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_CONNECTED, None)
+        session.info.pop(_CONNECTIONS, None)
 
 
 @event.listens_for(ShardlibSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    new = list(session.new)
-    shard_index = {}
-    for obj in new:  # 1. validate everything first: nothing is written on error
-        shard = routing.shard_of(obj)
-        if isinstance(obj, WeatherLocation) and obj.id is not None and shard_for_id(obj.id) != shard:
-            raise ValueError(
-                f"{obj!r}: id {obj.id} names shard {shard_for_id(obj.id)!r}, but "
-                f"continent {obj.continent!r} is stored on {shard!r}; leave id unset "
-                f"and shardlib will allocate one"
-            )
-        shard_index[obj] = SHARD_IDS.index(shard)
+    new = [instance_state(o) for o in session.new]
+    shard_index: dict[Any, int] = {}
+    needs_id = []
+    for state in new:  # 1. validate everything first: nothing is written on error
+        obj = state.obj()
+        shard = routing.shard_of(obj, state)
+        if isinstance(obj, WeatherLocation):
+            location_id = state.dict.get("id")
+            if location_id is None:
+                needs_id.append(state)
+            elif shard_for_id(location_id) != shard:
+                raise ValueError(
+                    f"{obj!r}: id {location_id} names shard {shard_for_id(location_id)!r}, but "
+                    f"continent {obj.continent!r} is stored on {shard!r}; leave id unset "
+                    f"and shardlib will allocate one"
+                )
+        shard_index[state] = SHARD_IDS.index(shard)
+        state.identity_token = shard  # ShardedSession reads it instead of asking again
     for obj in session.dirty:
         if isinstance(obj, WeatherLocation) and inspect(obj).key is not None:
             stored_on = inspect(obj).key[2]
@@ -91,7 +117,6 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                     f"await shardlib.move_location(session, location, {obj.continent!r})"
                 )
 
-    needs_id = [o for o in new if isinstance(o, WeatherLocation) and o.id is None]
     if needs_id:  # 2. one allocation for the whole flush
         allocator = session.info.get("shardlib.allocator")
         if allocator is None:
@@ -100,14 +125,14 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         if allocator.engine in session.info.get(_CONNECTED, ()):
             own = session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
         numbers = allocator.allocate(len(needs_id), own_connection=own)
-        for obj, number in zip(needs_id, numbers):
-            obj.id = make_id(number, SHARD_IDS[shard_index[obj]])
+        for state, number in zip(needs_id, numbers):
+            # a pending object's INSERT reads its values from the instance dict;
+            # writing there skips attribute events (this loop runs once per row)
+            state.dict["id"] = make_id(number, SHARD_IDS[shard_index[state]])
 
     # 3. group pending rows by shard, keeping their order within a shard
-    states = sorted(
-        (inspect(o) for o in new), key=lambda s: (shard_index[s.obj()], s.insert_order or 0)
-    )
-    for position, state in enumerate(states):
+    new.sort(key=lambda s: (shard_index[s], s.insert_order or 0))
+    for position, state in enumerate(new):
         state.insert_order = position
 
 
