@@ -1,0 +1,140 @@
+"""Loading rows: the seed's write path vs shardlib's ORM path vs bulk_insert vs raw sqlite3.
+
+Measured in one run, on the same machine, for in-memory and file-backed shards:
+
+* **seed**: the upstream example's code (``benchmarks/seed_example.py``): a
+  column-default id generator that runs one transaction per row, objects
+  added in interleaved continent order;
+* **shardlib add_all**: ``session.add_all(locations)`` in the same
+  interleaved order, then ``commit()`` (ids once per flush, rows grouped by
+  shard into batched INSERTs);
+* **shardlib bulk_insert**: dicts in, one id allocation, driver-level
+  executemany per shard, shards concurrently;
+* **raw sqlite3**: ``executemany`` of prepared tuples into one in-memory
+  table: the physical limit of this machine.
+
+    python benchmarks/loading.py [--quick]
+
+Targets (issue 6): add_all >= 30x the seed; bulk_insert >= 150x the seed and
+>= 15% of raw sqlite3 (in-memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import shardlib  # noqa: E402
+from seed_example import SeedLocation, seed_setup  # noqa: E402
+from shardlib import CONTINENTS, SHARD_IDS, WeatherLocation  # noqa: E402
+
+
+def _engines(mode: str, tmp: str, **kw: Any) -> dict[str, Any]:
+    if mode == "memory":
+        return shardlib.make_engines({s: "sqlite+aiosqlite://" for s in SHARD_IDS}, **kw)
+    return shardlib.make_engines(data_dir=tmp, **kw)
+
+
+async def seed_rows_per_s(mode: str, n: int) -> float | str:
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = _engines(mode, tmp, connect_args={"timeout": 1})
+        Session = await seed_setup(engines)
+        locations = [SeedLocation(CONTINENTS[i % 4], f"city {i}") for i in range(n)]
+        started = time.perf_counter()
+        try:
+            async with Session() as session:
+                session.add_all(locations)
+                await session.commit()
+        except Exception as error:  # the seed's id generator vs its own write lock
+            return f"fails: {str(error.__cause__ or error).splitlines()[0]}"
+        finally:
+            await shardlib.dispose(engines)
+        return n / (time.perf_counter() - started)
+
+
+async def add_all_rows_per_s(mode: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = _engines(mode, tmp)
+        await shardlib.reset(engines)
+        Session = shardlib.make_sessionmaker(engines)
+        locations = [WeatherLocation(CONTINENTS[i % 4], f"city {i}") for i in range(n)]
+        started = time.perf_counter()
+        async with Session() as session:
+            session.add_all(locations)
+            await session.commit()
+        elapsed = time.perf_counter() - started
+        await shardlib.dispose(engines)
+        return n / elapsed
+
+
+async def bulk_rows_per_s(mode: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = _engines(mode, tmp)
+        await shardlib.reset(engines)
+        rows = [{"continent": CONTINENTS[i % 4], "city": f"city {i}"} for i in range(n)]
+        started = time.perf_counter()
+        await shardlib.bulk_insert(engines, WeatherLocation, rows)
+        elapsed = time.perf_counter() - started
+        await shardlib.dispose(engines)
+        return n / elapsed
+
+
+def raw_rows_per_s(mode: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(":memory:" if mode == "memory" else f"{tmp}/raw.db")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, continent VARCHAR(50), city VARCHAR(100))")
+        rows = [(i + 1, CONTINENTS[i % 4], f"city {i}") for i in range(n)]
+        started = time.perf_counter()
+        conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+        conn.commit()
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return n / elapsed
+
+
+async def measure(quick: bool) -> list[dict[str, Any]]:
+    scale = 0.2 if quick else 1.0
+    sizes = {"seed": int(2_000 * scale), "add_all": int(20_000 * scale), "bulk": int(100_000 * scale),
+             "raw": int(200_000 * scale)}
+    results = []
+    for mode in ("memory", "file"):
+        results.append({"mode": mode, "approach": "seed (per-row id transaction)", "rows": sizes["seed"],
+                        "rows_per_s": await seed_rows_per_s(mode, sizes["seed"])})
+        results.append({"mode": mode, "approach": "shardlib add_all + commit", "rows": sizes["add_all"],
+                        "rows_per_s": await add_all_rows_per_s(mode, sizes["add_all"])})
+        results.append({"mode": mode, "approach": "shardlib bulk_insert", "rows": sizes["bulk"],
+                        "rows_per_s": await bulk_rows_per_s(mode, sizes["bulk"])})
+        results.append({"mode": mode, "approach": "raw sqlite3 executemany (1 table)", "rows": sizes["raw"],
+                        "rows_per_s": raw_rows_per_s(mode, sizes["raw"])})
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a fifth of the rows")
+    args = parser.parse_args()
+    results = asyncio.run(measure(args.quick))
+    seed = next(r["rows_per_s"] for r in results if r["mode"] == "memory" and r["approach"].startswith("seed"))
+    raw = next(r["rows_per_s"] for r in results if r["mode"] == "memory" and r["approach"].startswith("raw"))
+    print(f"{'shards':<7} {'approach':<36} {'rows':>8} {'rows/s':>12} {'x seed':>8} {'% raw':>7}")
+    for r in results:
+        value = r["rows_per_s"]
+        if isinstance(value, str):
+            print(f"{r['mode']:<7} {r['approach']:<36} {r['rows']:>8} {value}")
+            continue
+        print(f"{r['mode']:<7} {r['approach']:<36} {r['rows']:>8} {value:>12,.0f} {value / seed:>7.0f}x "
+              f"{100 * value / raw:>6.1f}%")
+    print("x seed and % raw are relative to the in-memory seed and in-memory raw sqlite3 rows.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
