@@ -23,14 +23,14 @@ BIN :=
 STAMP :=
 endif
 
-.PHONY: lab test test-unit test-notebooks notebooks venv clean bench
+.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg
 
 venv: $(STAMP)
 
 .venv/.shardlab-installed: pyproject.toml
 	test -x .venv/bin/python || $(PYTHON) -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
-	.venv/bin/python -m pip install --quiet -e ".[test]"
+	.venv/bin/python -m pip install --quiet -e ".[test,postgres]"
 	touch $@
 
 lab: venv
@@ -50,6 +50,18 @@ test-notebooks: venv
 # Re-execute every notebook in place (fresh kernel each). The only way outputs change.
 notebooks: venv
 	$(BIN)python tools/run_notebooks.py $(NB)
+
+# Real PostgreSQL shards: make pg-up, export the printed lines, make test-pg.
+pg-up:
+	@bash scripts/pg.sh up
+
+pg-down:
+	@bash scripts/pg.sh down
+
+test-pg: venv
+	@if [ -z "$$SHARDLIB_URLS" ]; then \
+		echo "SHARDLIB_URLS is not set: run 'make pg-up' and export the lines it prints" >&2; exit 2; fi
+	$(BIN)python -m pytest -q tests
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)python $$b || exit 1; done

@@ -107,11 +107,16 @@ async def shard_frames(
             has_table = await conn.run_sync(lambda c: c.dialect.has_table(c, table))
             if not has_table:
                 frames[shard] = pd.DataFrame(columns=[c.name for c in table_obj.columns])
+                frames[shard].attrs["missing_table"] = True  # shown as "(no such table)"
                 continue
             stmt = select(table_obj).order_by(*(table_obj.primary_key.columns or table_obj.columns))
             rows = (await conn.execute(stmt)).all()
         frames[shard] = pd.DataFrame(rows, columns=[c.name for c in table_obj.columns])
     return frames
+
+
+def _empty(frame: pd.DataFrame) -> str:
+    return "(no such table)" if frame.attrs.get("missing_table") else "(no rows)"
 
 
 @dataclass
@@ -124,7 +129,7 @@ class ShardTables:
     def _repr_html_(self) -> str:
         cells = []
         for shard, frame in self.frames.items():
-            body = frame.to_html(index=False) if len(frame) else "<p><em>(no rows)</em></p>"
+            body = frame.to_html(index=False) if len(frame) else f"<p><em>{_empty(frame)}</em></p>"
             cells.append(
                 '<div style="flex: 1 1 0; min-width: 14em; overflow-x: auto">'
                 f'<p style="font-weight: bold; margin: 0 0 0.3em 0">{html.escape(shard)}'
@@ -139,7 +144,7 @@ class ShardTables:
     def __repr__(self) -> str:
         parts = []
         for shard, frame in self.frames.items():
-            body = frame.to_string(index=False) if len(frame) else "(no rows)"
+            body = frame.to_string(index=False) if len(frame) else _empty(frame)
             parts.append(f"--- {shard}: {self.table} ({len(frame)} rows) ---\n{body}")
         return "\n".join(parts)
 

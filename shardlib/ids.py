@@ -21,6 +21,11 @@ advanced on the session's own connection, inside its transaction, and
 exactly as many numbers as needed are taken (a rollback returns them, so
 none may be cached). Otherwise a short transaction of its own takes a whole
 block and commits at once, so concurrent writers barely wait on the counter.
+
+On PostgreSQL the counter is a row, and row locks are what a server offers:
+``UPDATE ... RETURNING`` takes the row lock for the length of the allocator's
+own short transaction, never the session's, so there is no such deadlock and
+blocks are always cached.
 """
 
 from __future__ import annotations

@@ -122,7 +122,10 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         if allocator is None:
             raise RuntimeError("session was not made by shardlib.make_sessionmaker()")
         own = None
-        if allocator.engine in session.info.get(_CONNECTED, ()):
+        if allocator.engine.dialect.name == "sqlite" and allocator.engine in session.info.get(_CONNECTED, ()):
+            # SQLite locks the whole file: use our own transaction (see shardlib.ids).
+            # Servers lock rows; the session never holds the counter row, so a
+            # short transaction of the allocator's own cannot wait for it.
             own = session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
         numbers = allocator.allocate(len(needs_id), own_connection=own)
         for state, number in zip(needs_id, numbers):

@@ -71,3 +71,45 @@ def world(loop: asyncio.AbstractEventLoop, tmp_path: Any) -> Iterator[World]:
 
 def on_postgres() -> bool:
     return bool(os.environ.get("SHARDLIB_URLS", "").strip())
+
+
+class Unsharded:
+    """One ordinary database holding the same rows: the oracle.
+
+    SQLite in memory by default; with ``SHARDLIB_ORACLE_URL`` (set by
+    ``scripts/pg.sh``) the same server type as the shards, so that NULL
+    ordering and collation match.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        self.loop = loop
+        url = os.environ.get("SHARDLIB_ORACLE_URL", "").strip() if on_postgres() else ""
+        self.engine = create_async_engine(url or "sqlite+aiosqlite://")
+
+        async def create() -> None:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(shardlib.Base.metadata.drop_all)
+                await conn.run_sync(shardlib.Base.metadata.create_all)
+
+        loop.run_until_complete(create())
+
+    def insert(self, model: Any, rows: list[dict[str, Any]]) -> None:
+        from sqlalchemy import insert
+
+        async def go() -> None:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(model), rows)
+
+        self.loop.run_until_complete(go())
+
+    def rows(self, statement: Any, params: Any = None) -> list[Any]:
+        async def go() -> list[Any]:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(statement, params or {})).all()
+
+        return self.loop.run_until_complete(go())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.dispose())

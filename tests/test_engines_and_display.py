@@ -112,6 +112,7 @@ def test_shard_frames_and_show_shards(world) -> None:
     assert all(f">{s} <" in html for s in SHARD_IDS) and html.count("<table") == 3  # europe has no reports
     assert "(no rows)" in html and "--- asia: weather_reports (1 rows) ---" in repr(shown)
     assert len(counter["asia"]) == 0 and len(counter["north_america"]) == 1
+    assert counter["asia"].attrs["missing_table"] and "(no such table)" in repr(shardlib.ShardTables("id_counter", counter))
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         world.run(shardlib.shard_frames(world.engines, "nope"))
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, desc, distinct, func, insert, select
+from sqlalchemy import desc, distinct, func, select
 from sqlalchemy.orm import aliased
 
 import shardlib
-from shardlib import Base, Report, WeatherLocation as WL, gather, trace
+from shardlib import Report, WeatherLocation as WL, gather, trace
 
-from .conftest import FIXED_TIME
+from .conftest import FIXED_TIME, Unsharded
 
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth"]
 
@@ -52,15 +52,13 @@ def gw():
                 return [(l.id, l.continent, l.city, temps) for l, (_, _, temps) in zip(locations, _data())]
 
         stored = loop.run_until_complete(load())
-        unsharded = create_engine("sqlite://")
-        Base.metadata.create_all(unsharded)
-        with unsharded.begin() as conn:
-            conn.execute(insert(WL), [dict(id=i, continent=c, city=city) for i, c, city, _ in stored])
-            conn.execute(
-                insert(Report),
-                [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, _, _, ts in stored for t in ts],
-            )
+        unsharded = Unsharded(loop)
+        unsharded.insert(WL, [dict(id=i, continent=c, city=city) for i, c, city, _ in stored])
+        unsharded.insert(
+            Report, [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, _, _, ts in stored for t in ts]
+        )
         yield (lambda coro: loop.run_until_complete(coro)), engines, unsharded
+        unsharded.close()
         loop.run_until_complete(shardlib.dispose(engines))
     loop.close()
 
@@ -84,8 +82,7 @@ def _same(got: list, expected: list) -> bool:
 def check(gw, statement, params=None) -> list:
     run, engines, unsharded = gw
     got = run(gather(engines, statement, params))
-    with unsharded.connect() as conn:
-        expected = conn.execute(statement, params or {}).all()
+    expected = unsharded.rows(statement, params)
     assert _same([tuple(r) for r in got], [tuple(r) for r in expected]), f"\n got {got}\n want {expected}"
     assert list(got[0]._fields) == list(expected[0]._fields) if expected else True
     return got

@@ -28,7 +28,7 @@ def _name(requirement: str) -> str:
 def test_environment_yml_and_pyproject_list_the_same_packages() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pip_names = {_name(r) for r in project["dependencies"]}
-    for extra in ("test",):
+    for extra in ("test", "postgres"):  # "browser" is pip-only (Debian chromium)
         pip_names |= {_name(r) for r in project["optional-dependencies"][extra]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_names = {_name(d) for d in env["dependencies"] if isinstance(d, str)}

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import and_, create_engine, insert, not_, or_, select
+from sqlalchemy import and_, not_, or_, select
 from sqlalchemy.orm import Session
 
 import shardlib
-from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, Base, WeatherLocation, trace
+from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, WeatherLocation, trace
+
+from .conftest import Unsharded
 
 CONTINENTS = ["North America", "Asia", "Europe", "South America"]
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth", "Kingston"]
@@ -135,11 +137,10 @@ def oracle_world():
                 return [(loc.id, loc.continent, loc.city) for loc in locations]
 
         stored = loop.run_until_complete(load())
-        unsharded = create_engine("sqlite://")
-        Base.metadata.create_all(unsharded)
-        with unsharded.begin() as conn:
-            conn.execute(insert(WeatherLocation), [dict(id=i, continent=c, city=city) for i, c, city in stored])
+        unsharded = Unsharded(loop)
+        unsharded.insert(WeatherLocation, [dict(id=i, continent=c, city=city) for i, c, city in stored])
         yield loop, engines, Session, unsharded
+        unsharded.close()
         loop.run_until_complete(shardlib.dispose(engines))
     loop.close()
 
@@ -157,8 +158,7 @@ def test_sharded_results_and_routing_match_the_oracle(oracle_world, clause) -> N
             return sorted(ids), t.shards()
 
     got, ran_on = loop.run_until_complete(sharded())
-    with unsharded.connect() as conn:
-        expected = sorted(conn.execute(statement).scalars())
+    expected = sorted(r[0] for r in unsharded.rows(statement))
     assert got == expected
 
     minimal = minimal_shards(clause)
