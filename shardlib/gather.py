@@ -25,6 +25,12 @@ statement                              concatenation gives
   placed as the database places them), the global ``OFFSET``/``LIMIT``,
   partial aggregates combined per group, ``DISTINCT`` applied last.
 
+Text is compared in Python (code-point order) when merging, which matches
+SQLite's default ``BINARY`` collation and PostgreSQL's ``"C"`` collation
+(``scripts/pg.sh`` creates its cluster with ``--locale=C``). Under a
+language-aware collation (``en_US.UTF-8``) order text by a binary collation,
+``column.collate("C")``, or the merged order may differ from the database's.
+
 What cannot be merged exactly (window functions, ``HAVING``,
 ``count(DISTINCT x)``, ``DISTINCT ON``, an aggregate inside an expression, a
 column that is neither grouped nor aggregated, ``UNION``) raises
@@ -220,7 +226,8 @@ async def gather(
 
     ``statement`` is a column-oriented ``select()`` (columns, expressions and
     the aggregates count, sum, min, max, avg; ORM attributes welcome). Returns
-    a list of ``Row`` objects with the statement's column names.
+    a list of ``Row`` objects named as a Core connection names them (an
+    unlabeled ``count(*)`` is ``count_1``; label aggregates to choose).
     """
     if isinstance(statement, CompoundSelect):
         raise NotImplementedError("gather cannot merge UNION / INTERSECT / EXCEPT; gather each part")

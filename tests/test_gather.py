@@ -16,7 +16,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import Report, WeatherLocation as WL, gather, trace
 
-from .conftest import FIXED_TIME, Unsharded
+from .conftest import FIXED_TIME, Unsharded, on_postgres
 
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth"]
 
@@ -223,6 +223,7 @@ def test_property_grouped_aggregates(gw, statement) -> None:
     check(gw, statement)
 
 
+@pytest.mark.skipif(on_postgres(), reason="PostgreSQL sleeps with pg_sleep on the server")
 def test_injected_latency_sleeps_off_the_event_loop_thread(gw, monkeypatch) -> None:
     import threading
 
