@@ -189,9 +189,12 @@ async def move_location(session: AsyncSession, location: WeatherLocation, contin
 
     A shard is chosen when a row is inserted; an UPDATE cannot move it. So the
     move is a delete on the old shard and an insert, under a **new id** (ids
-    name their shard), on the new one. Both happen at the next commit; on
-    SQLite the two shards commit separately (see notebook 08 for what that
-    means when one of them fails). Returns the new object.
+    name their shard), on the new one. Both happen at the next commit, where
+    the two shards commit separately, in no fixed order, unless the session
+    uses two-phase commit (``twophase=True`` on PostgreSQL). If a failure
+    there must never lose the row, commit the copy on the new shard first and
+    delete the original in a second transaction: the worst case is then a
+    duplicate, never a loss (notebook 08). Returns the new object.
     """
     target = shard_for_continent(continent)
     state = inspect(location)
