@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import tempfile
+from contextlib import contextmanager
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +62,19 @@ class World:
 
     def close(self) -> None:
         self.run(shardlib.dispose(self.engines))
+
+
+@contextmanager
+def standalone_world() -> Iterator[World]:
+    """A World with its own loop and directory, for module-scoped fixtures."""
+    loop = asyncio.new_event_loop()
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(loop, tmp)
+        try:
+            yield world
+        finally:
+            world.close()
+    loop.close()
 
 
 @pytest.fixture

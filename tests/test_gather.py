@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-import tempfile
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import desc, distinct, func, select
-from sqlalchemy.orm import aliased
 
 import shardlib
 from shardlib import Report, WeatherLocation as WL, gather, trace
 
-from .conftest import FIXED_TIME, Unsharded, on_postgres
+from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
 
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth"]
 
@@ -34,14 +31,10 @@ def _data() -> list[tuple[str, str, list[float]]]:
 
 @pytest.fixture(scope="module")
 def gw():
-    loop = asyncio.new_event_loop()
-    with tempfile.TemporaryDirectory() as tmp:
-        engines = shardlib.make_engines(data_dir=tmp)
-        Session = shardlib.make_sessionmaker(engines)
+    with standalone_world() as world:
 
         async def load():
-            await shardlib.reset(engines)
-            async with Session() as session:
+            async with world.Session() as session:
                 locations = []
                 for continent, city, temps in _data():
                     loc = WL(continent, city)
@@ -51,16 +44,14 @@ def gw():
                 await session.commit()
                 return [(l.id, l.continent, l.city, temps) for l, (_, _, temps) in zip(locations, _data())]
 
-        stored = loop.run_until_complete(load())
-        unsharded = Unsharded(loop)
+        stored = world.run(load())
+        unsharded = Unsharded(world.loop)
         unsharded.insert(WL, [dict(id=i, continent=c, city=city) for i, c, city, _ in stored])
         unsharded.insert(
             Report, [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, _, _, ts in stored for t in ts]
         )
-        yield (lambda coro: loop.run_until_complete(coro)), engines, unsharded
+        yield world.run, world.engines, unsharded
         unsharded.close()
-        loop.run_until_complete(shardlib.dispose(engines))
-    loop.close()
 
 
 def _same(got: list, expected: list) -> bool:

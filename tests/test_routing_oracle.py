@@ -12,21 +12,18 @@ independently of shardlib's tree).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import tempfile
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import and_, not_, or_, select
-from sqlalchemy.orm import Session
 
 import shardlib
 from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, WeatherLocation, trace
 
-from .conftest import Unsharded
+from .conftest import Unsharded, standalone_world
 
 CONTINENTS = ["North America", "Asia", "Europe", "South America"]
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth", "Kingston"]
@@ -123,26 +120,20 @@ def minimal_shards(node: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def oracle_world():
-    loop = asyncio.new_event_loop()
-    with tempfile.TemporaryDirectory() as tmp:
-        engines = shardlib.make_engines(data_dir=tmp)
-        Session = shardlib.make_sessionmaker(engines)
+    with standalone_world() as world:
 
         async def load() -> list[tuple[int, str, str]]:
-            await shardlib.reset(engines)
-            async with Session() as session:
+            async with world.Session() as session:
                 locations = [WeatherLocation(c, city) for c, city in ROWS]
                 session.add_all(locations)
                 await session.commit()
                 return [(loc.id, loc.continent, loc.city) for loc in locations]
 
-        stored = loop.run_until_complete(load())
-        unsharded = Unsharded(loop)
+        stored = world.run(load())
+        unsharded = Unsharded(world.loop)
         unsharded.insert(WeatherLocation, [dict(id=i, continent=c, city=city) for i, c, city in stored])
-        yield loop, engines, Session, unsharded
+        yield world.loop, world.engines, world.Session, unsharded
         unsharded.close()
-        loop.run_until_complete(shardlib.dispose(engines))
-    loop.close()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
