@@ -33,8 +33,11 @@ venv: $(STAMP)
 	.venv/bin/python -m pip install --quiet -e ".[test,postgres]"
 	touch $@
 
+# JupyterLab refuses to start as root (containers, CI) without --allow-root.
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
 lab: venv
-	$(BIN)python -m jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)python -m jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 test: test-unit test-notebooks
 
