@@ -4,6 +4,12 @@ Its own declarative base, tables, id generator (a column default that opens a
 transaction on shard #1 for every row) and ``ShardedSession`` configuration,
 as in ``examples/sharding/asyncio.py``. Used by ``benchmarks/loading.py`` and
 the loading notebook as the baseline; nothing else should import it.
+
+On in-memory aiosqlite engines (the seed's own set-up) every engine hands out
+one shared connection (``StaticPool``), so the generator's "separate"
+transaction actually commits the session's half-done flush: the baseline is
+measured with broken atomicity, which flatters it. On file-backed shards the
+generator waits for the session's own write lock: a deadlock.
 """
 
 from __future__ import annotations

@@ -111,7 +111,9 @@ async def shard_frames(
                 continue
             stmt = select(table_obj).order_by(*(table_obj.primary_key.columns or table_obj.columns))
             rows = (await conn.execute(stmt)).all()
-        frames[shard] = pd.DataFrame(rows, columns=[c.name for c in table_obj.columns])
+        frames[shard] = pd.DataFrame.from_records(
+            [tuple(r) for r in rows], columns=[c.name for c in table_obj.columns]
+        )
     return frames
 
 
