@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert
+from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .ids import forget_allocations
@@ -116,6 +116,8 @@ async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: in
     check_engines(engines)
     for shard in SHARD_IDS:
         async with engines[shard].begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await _refuse_in_doubt_transactions(conn, shard)
             await conn.run_sync(counter_metadata.drop_all)
             await conn.run_sync(Base.metadata.drop_all)
             await conn.run_sync(Base.metadata.create_all)
@@ -123,6 +125,22 @@ async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: in
                 await conn.run_sync(counter_metadata.create_all)
                 await conn.execute(insert(id_counter).values(next_value=first_sequence_number))
     forget_allocations(engines[COUNTER_SHARD].sync_engine)
+
+
+async def _refuse_in_doubt_transactions(conn: Any, shard: str) -> None:
+    """A prepared (two-phase) transaction nobody finished holds its locks, and
+    ``DROP TABLE`` would wait for them forever: say so instead of hanging."""
+    gids = (
+        await conn.execute(
+            text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+        )
+    ).scalars().all()
+    if gids:
+        raise RuntimeError(
+            f"{shard}: prepared (in-doubt) transactions {list(gids)} hold locks that "
+            f"DROP TABLE would wait for forever; finish each with COMMIT PREPARED 'gid' "
+            f"or ROLLBACK PREPARED 'gid' and call reset() again"
+        )
 
 
 async def dispose(engines: Mapping[str, AsyncEngine]) -> None:

@@ -102,3 +102,21 @@ def test_session_reads_see_committed_rows(world) -> None:
             return (await session.execute(select(WeatherLocation.city))).scalars().all()
 
     assert world.run(go()) == ["Quito"]
+
+
+def test_reset_refuses_to_hang_on_an_in_doubt_prepared_transaction(world) -> None:
+    async def go():
+        async with world.engines["asia"].connect() as conn:
+            await conn.execute(text("BEGIN"))
+            await conn.execute(text("INSERT INTO weather_locations (id, continent, city) VALUES (17, 'Asia', 'Tokyo')"))
+            await conn.execute(text("PREPARE TRANSACTION 'shardlab-test-in-doubt'"))
+        try:
+            with pytest.raises(RuntimeError, match="shardlab-test-in-doubt"):
+                await shardlib.reset(world.engines)
+        finally:
+            async with world.engines["asia"].connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text("ROLLBACK PREPARED 'shardlab-test-in-doubt'"))
+        await shardlib.reset(world.engines)
+
+    world.run(go())
