@@ -37,7 +37,10 @@ def injected_latency(engines: Mapping[str, AsyncEngine], seconds: float) -> Iter
         raw = conn.connection.dbapi_connection
         helper = raw.cursor()
         if conn.dialect.name == "sqlite":
-            raw.create_function("shardlib_sleep", 1, _sleep)
+            info = conn.connection.info  # lives as long as the driver connection
+            if not info.get("shardlib_sleep"):
+                raw.create_function("shardlib_sleep", 1, lambda s: _sleep(s))
+                info["shardlib_sleep"] = True
             helper.execute("SELECT shardlib_sleep(?)", (seconds,))
         elif conn.dialect.name == "postgresql":
             helper.execute(f"SELECT pg_sleep({float(seconds)!r})")

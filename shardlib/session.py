@@ -24,6 +24,7 @@ Before every flush, :class:`ShardlibSession`
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Literal
 
 from sqlalchemy import event, inspect
@@ -37,6 +38,9 @@ from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
 from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
+
+GC_PAUSE_MIN_OBJECTS = 1000
+"""Flushes of at least this many new objects pause the cyclic GC (see ``flush``)."""
 
 _CONNECTED = "shardlib.connected_shards"
 _CONNECTIONS = "shardlib.flush_connections"
@@ -56,6 +60,23 @@ class ShardlibSession(ShardedSession):
         if shard_id is not None:
             check_shard_id(shard_id)
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
+
+    def flush(self, objects: Any = None) -> None:
+        """Flush; a big flush runs with Python's cyclic garbage collector paused.
+
+        Every object a flush touches is tracked by the cyclic GC, and each
+        full collection re-scans all of them: with tens of thousands of new
+        objects, collections triggered by the flush's own allocations cost a
+        fifth to a third of its time. Reference counting keeps freeing memory
+        meanwhile; cycles wait until the flush ends.
+        """
+        if len(self._new) < GC_PAUSE_MIN_OBJECTS or not gc.isenabled():
+            return super().flush(objects)
+        gc.disable()
+        try:
+            return super().flush(objects)
+        finally:
+            gc.enable()
 
     def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
                             **kw: Any) -> Any:

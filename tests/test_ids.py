@@ -151,3 +151,38 @@ def test_allocator_blocks_are_disjoint_between_allocators(world) -> None:
     world.run(go())
     with pytest.raises(ValueError, match="block_size"):
         IdAllocator(engine, block_size=0)
+
+
+def test_a_big_flush_pauses_the_cyclic_gc_and_always_restores_it(world) -> None:
+    import gc
+
+    from shardlib import session as session_module
+
+    seen = []
+
+    async def go():
+        async with world.Session() as session:
+            session.add_all([WeatherLocation("Asia", f"a{i}") for i in range(session_module.GC_PAUSE_MIN_OBJECTS)])
+            await session.commit()
+        async with world.Session() as session:
+            locations = [WeatherLocation("Asia", f"b{i}") for i in range(session_module.GC_PAUSE_MIN_OBJECTS)]
+            locations[-1].reports.append(shardlib.Report(1.0, FIXED_TIME))
+            session.add_all(locations)
+            session.add(shardlib.Report(2.0, FIXED_TIME))  # no location: the flush fails
+            with pytest.raises(ValueError):
+                await session.commit()
+            await session.rollback()
+
+    from sqlalchemy import event
+
+    def probe(session, context):
+        seen.append(gc.isenabled())
+
+    event.listen(shardlib.ShardlibSession, "after_flush", probe)
+    try:
+        assert gc.isenabled()
+        world.run(go())
+    finally:
+        event.remove(shardlib.ShardlibSession, "after_flush", probe)
+    assert seen == [False]  # paused during the big flush
+    assert gc.isenabled()  # and back on, also after the failed one
