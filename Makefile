@@ -23,7 +23,7 @@ BIN :=
 STAMP :=
 endif
 
-.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg
+.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg test-browser
 
 venv: $(STAMP)
 
@@ -65,6 +65,13 @@ test-pg: venv
 	@if [ -z "$$SHARDLIB_URLS" ]; then \
 		echo "SHARDLIB_URLS is not set: run 'make pg-up' and export the lines it prints" >&2; exit 2; fi
 	$(BIN)python -m pytest -q tests
+
+# Every notebook run in JupyterLab in headless Chromium, from the menus, as a learner would.
+# Needs Debian's chromium (apt-get install -y chromium); screenshots in artifacts/screenshots/.
+test-browser: venv
+	@$(BIN)python -c "import playwright" 2>/dev/null || $(BIN)python -m pip install --quiet -e ".[browser]"
+	@test -x "$${SHARDLAB_CHROMIUM:-/usr/bin/chromium}" || { echo "Chromium not found: apt-get install -y chromium" >&2; exit 2; }
+	$(BIN)python -m pytest -q -m browser tests/browser
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)python $$b || exit 1; done

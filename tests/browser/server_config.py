@@ -2,10 +2,16 @@
 
 The browser tests open the real ``notebooks/`` folder, so the server must not
 be able to change it: every contents write (save, rename, delete, new file,
-restore checkpoint) is refused with 403, and every file is reported as not
-writable, which also keeps JupyterLab from trying to save. Checkpoints, the
-one thing JupyterLab writes when it opens a notebook, go to a temporary
-folder given on the command line (``--FileCheckpoints.checkpoint_dir``).
+restore checkpoint) is refused with 403. Files are still reported as
+writable, so the page looks exactly as it does for a learner (no "read-only"
+badge); it is the autosave setting that keeps JupyterLab from saving, and a
+save that slipped through would fail loudly here instead of overwriting the
+committed outputs. Checkpoints, the one thing JupyterLab writes when it opens
+a notebook, go to a temporary folder given on the command line
+(``--FileCheckpoints.checkpoint_dir``).
+
+Not named ``jupyter_server_config.py`` on purpose: Jupyter looks for files of
+that name on its own, and this one must apply only where ``--config`` names it.
 """
 
 from __future__ import annotations
@@ -22,11 +28,6 @@ def _refuse(what: str, path: str) -> web.HTTPError:
 
 class ReadOnlyContentsManager(AsyncLargeFileManager):
     """Serves files as usual but refuses to change any of them."""
-
-    async def get(self, path: str, content: bool = True, type: str | None = None, format: str | None = None, **kwargs: Any) -> dict[str, Any]:
-        model = await super().get(path, content=content, type=type, format=format, **kwargs)
-        model["writable"] = False
-        return model
 
     async def save(self, model: dict[str, Any], path: str = "") -> dict[str, Any]:
         raise _refuse("save", path)
