@@ -25,7 +25,7 @@ if [ -z "$BIN" ] || [ ! -x "$BIN/initdb" ]; then
 fi
 
 as_server() {  # run a server-side command as the right user
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 pgdir() {  # the cluster directory: .pg/, or a symlink to a place postgres can reach
