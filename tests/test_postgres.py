@@ -26,6 +26,18 @@ def _fail_on(engine, prefix: str):
     return lambda: event.remove(engine.sync_engine, "before_cursor_execute", before)
 
 
+CITY_ON = {"Asia": "Osaka", "Europe": "Paris", "North America": "Toronto"}
+
+
+async def _commit_that_fails(Session, continents: list[str]) -> None:
+    """Add one city per continent; the commit must raise the injected failure."""
+    async with Session() as session:
+        session.add_all([WeatherLocation(c, CITY_ON[c]) for c in continents])
+        with pytest.raises(InjectedFailure):
+            await session.commit()
+        await session.rollback()
+
+
 def _cities(world) -> dict[str, list[str]]:
     frames = world.run(shardlib.shard_frames(world.engines, "weather_locations"))
     return {s: sorted(f["city"]) for s, f in frames.items()}
@@ -43,16 +55,8 @@ def test_two_phase_commit_writes_all_shards_or_none(world) -> None:
     Session = shardlib.make_sessionmaker(world.engines, twophase=True)
     remove = _fail_on(world.engines["europe"], "PREPARE TRANSACTION")
 
-    async def attempt():
-        async with Session() as session:
-            session.add_all([WeatherLocation("Asia", "Osaka"), WeatherLocation("Europe", "Paris"),
-                             WeatherLocation("North America", "Toronto")])
-            with pytest.raises(InjectedFailure):
-                await session.commit()
-            await session.rollback()
-
     try:
-        world.run(attempt())
+        world.run(_commit_that_fails(Session, ["Asia", "Europe", "North America"]))
     finally:
         remove()
     assert _cities(world) == {s: [] for s in shardlib.SHARD_IDS}
@@ -78,15 +82,8 @@ def test_without_two_phase_commit_a_late_failure_leaves_half_the_shards_committe
 
     event.listen(world.engines["europe"].sync_engine, "commit", fail_commit)
 
-    async def attempt():
-        async with Session() as session:
-            session.add_all([WeatherLocation("Asia", "Osaka"), WeatherLocation("Europe", "Paris")])
-            with pytest.raises(InjectedFailure):
-                await session.commit()
-            await session.rollback()
-
     try:
-        world.run(attempt())
+        world.run(_commit_that_fails(Session, ["Asia", "Europe"]))
     finally:
         event.remove(world.engines["europe"].sync_engine, "commit", fail_commit)
     cities = _cities(world)
