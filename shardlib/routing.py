@@ -287,7 +287,7 @@ def to_tree(expr: Any, params: Mapping[str, Any] | None = None) -> Node:
 # --------------------------------------------------------------------------
 
 
-def _on_shard(node: Node, shard_id: str) -> Node:
+def on_shard(node: Node, shard_id: str) -> Node:
     """Replace continent and id atoms by what they must be for rows on ``shard_id``."""
     if isinstance(node, ContinentIn):
         here = frozenset(continents_on(shard_id))
@@ -299,9 +299,9 @@ def _on_shard(node: Node, shard_id: str) -> Node:
     if isinstance(node, IdIn):
         return node if shard_id in node.shards else Const(False)
     if isinstance(node, (And, Or)):
-        return type(node)(tuple(_on_shard(c, shard_id) for c in node.children))
+        return type(node)(tuple(on_shard(c, shard_id) for c in node.children))
     if isinstance(node, Not):
-        return Not(_on_shard(node.child, shard_id))
+        return Not(on_shard(node.child, shard_id))
     return node
 
 
@@ -362,8 +362,59 @@ def can_be_true(node: Node) -> bool:
     return False
 
 
+def _condition(column: str, values: Any) -> str:
+    shown = sorted(values, key=repr)
+    if len(shown) == 1:
+        return f"{column} = {shown[0]!r}"
+    return f"{column} IN ({', '.join(map(repr, shown))})"
+
+
+def describe(node: Node) -> str:
+    """The tree as readable SQL-ish text; anything opaque shows as ``<free>``."""
+    if isinstance(node, Const):
+        return {True: "TRUE", False: "FALSE", None: "NULL"}[node.value]
+    if isinstance(node, (And, Or)):
+        joiner = " AND " if isinstance(node, And) else " OR "
+        return "(" + joiner.join(describe(child) for child in node.children) + ")"
+    if isinstance(node, Not):
+        return "NOT " + describe(node.child)
+    if isinstance(node, ContinentIn):
+        return _condition("continent", node.continents)
+    if isinstance(node, IdIn):
+        return _condition("location id", node.key[1])
+    if isinstance(node, Free) and node.key[0] == "in":
+        return _condition(node.key[2], node.key[3])
+    if isinstance(node, Free) and node.key[0] == "continent":
+        return _condition("continent", node.key[1])
+    return "<free>"
+
+
+def explain(statement: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+    """Per shard: the WHERE clause once that shard's continent and id atoms are
+    substituted, and whether :func:`shards_for` visits the shard.
+
+    >>> from sqlalchemy import select
+    >>> explain(select(WeatherLocation).where(WeatherLocation.continent == "Asia"))[1]
+    {'shard': 'asia', 'clause on this shard': 'TRUE', 'visit': 'yes'}
+    """
+    clauses = _where_clauses(statement)
+    if clauses is None:
+        return [{"shard": s, "clause on this shard": "(no WHERE clause we can read)", "visit": "yes"}
+                for s in SHARD_IDS]
+    trees = [to_tree(clause, params) for clause in clauses]
+    rows = []
+    for shard in SHARD_IDS:
+        here = [on_shard(tree, shard) for tree in trees]
+        rows.append({
+            "shard": shard,
+            "clause on this shard": " | ".join(describe(node) for node in here),
+            "visit": "yes" if any(can_be_true(node) for node in here) else "no",
+        })
+    return rows
+
+
 def shards_for_tree(tree: Node) -> list[str]:
-    return [s for s in SHARD_IDS if can_be_true(_on_shard(tree, s))]
+    return [s for s in SHARD_IDS if can_be_true(on_shard(tree, s))]
 
 
 def _where_clauses(statement: Any) -> list[Any] | None:
