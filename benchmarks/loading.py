@@ -13,7 +13,7 @@ Measured in one run, on the same machine, for in-memory and file-backed shards:
 * **raw sqlite3**: ``executemany`` of prepared tuples into one in-memory
   table: the physical limit of this machine.
 
-    python benchmarks/loading.py [--quick]
+    python benchmarks/loading.py [--quick] [--repeat 3]
 
 Targets (issue 6): add_all >= 30x the seed; bulk_insert >= 150x the seed and
 >= 15% of raw sqlite3 (in-memory).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -100,28 +101,42 @@ def raw_rows_per_s(mode: str, n: int) -> float:
         return n / elapsed
 
 
-async def measure(quick: bool) -> list[dict[str, Any]]:
+async def _median(repeat: int, measure_once: Any) -> float | str:
+    runs = []
+    for _ in range(repeat):
+        value = measure_once()
+        value = await value if asyncio.iscoroutine(value) else value
+        if isinstance(value, str):  # a failure: report it, don't repeat it
+            return value
+        runs.append(value)
+    return statistics.median(runs)
+
+
+async def measure(quick: bool, repeat: int) -> list[dict[str, Any]]:
     scale = 0.2 if quick else 1.0
     sizes = {"seed": int(2_000 * scale), "add_all": int(20_000 * scale), "bulk": int(100_000 * scale),
              "raw": int(200_000 * scale)}
+    approaches = [
+        ("seed (per-row id transaction)", "seed", seed_rows_per_s),
+        ("shardlib add_all + commit", "add_all", add_all_rows_per_s),
+        ("shardlib bulk_insert", "bulk", bulk_rows_per_s),
+        ("raw sqlite3 executemany (1 table)", "raw", raw_rows_per_s),
+    ]
     results = []
     for mode in ("memory", "file"):
-        results.append({"mode": mode, "approach": "seed (per-row id transaction)", "rows": sizes["seed"],
-                        "rows_per_s": await seed_rows_per_s(mode, sizes["seed"])})
-        results.append({"mode": mode, "approach": "shardlib add_all + commit", "rows": sizes["add_all"],
-                        "rows_per_s": await add_all_rows_per_s(mode, sizes["add_all"])})
-        results.append({"mode": mode, "approach": "shardlib bulk_insert", "rows": sizes["bulk"],
-                        "rows_per_s": await bulk_rows_per_s(mode, sizes["bulk"])})
-        results.append({"mode": mode, "approach": "raw sqlite3 executemany (1 table)", "rows": sizes["raw"],
-                        "rows_per_s": raw_rows_per_s(mode, sizes["raw"])})
+        for label, size, function in approaches:
+            n = sizes[size]
+            value = await _median(repeat, lambda: function(mode, n))
+            results.append({"mode": mode, "approach": label, "rows": n, "rows_per_s": value})
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a fifth of the rows")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is shown")
     args = parser.parse_args()
-    results = asyncio.run(measure(args.quick))
+    results = asyncio.run(measure(args.quick, args.repeat))
     seed = next(r["rows_per_s"] for r in results if r["mode"] == "memory" and r["approach"].startswith("seed"))
     raw = next(r["rows_per_s"] for r in results if r["mode"] == "memory" and r["approach"].startswith("raw"))
     print(f"{'shards':<7} {'approach':<36} {'rows':>8} {'rows/s':>12} {'x seed':>8} {'% raw':>7}")
@@ -132,7 +147,8 @@ def main() -> int:
             continue
         print(f"{r['mode']:<7} {r['approach']:<36} {r['rows']:>8} {value:>12,.0f} {value / seed:>7.0f}x "
               f"{100 * value / raw:>6.1f}%")
-    print("x seed and % raw are relative to the in-memory seed and in-memory raw sqlite3 rows.")
+    print(f"median of {args.repeat} runs; x seed and % raw are relative to the in-memory seed "
+          f"and in-memory raw sqlite3 rows.")
     return 0
 
 

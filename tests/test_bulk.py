@@ -97,3 +97,12 @@ def test_counts_match_after_a_large_load(world) -> None:
 
     assert world.run(count())[0][0] == 30_000
     assert len(_frames(world, "weather_locations")["south_america"]) == 0
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_concurrent_and_sequential_writes_store_the_same_rows(world, concurrent) -> None:
+    rows = [{"continent": shardlib.CONTINENTS[i % 4], "city": f"c{i}"} for i in range(400)]
+    assert world.run(bulk_insert(world.engines, WeatherLocation, rows, concurrent=concurrent, batch_size=30)) == 400
+    frames = _frames(world, "weather_locations")
+    assert {s: len(f) for s, f in frames.items()} == {s: 100 for s in SHARD_IDS}
+    assert all(shard_for_id(i) == s for s, f in frames.items() for i in f["id"])
