@@ -61,6 +61,17 @@ class ShardlibSession(ShardedSession):
             check_shard_id(shard_id)
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
+    def add_all(self, instances: Any) -> None:
+        """Add many objects; as in :meth:`flush`, a big batch pauses the cyclic GC."""
+        instances = list(instances)
+        if len(instances) < GC_PAUSE_MIN_OBJECTS or not gc.isenabled():
+            return super().add_all(instances)
+        gc.disable()
+        try:
+            return super().add_all(instances)
+        finally:
+            gc.enable()
+
     def flush(self, objects: Any = None) -> None:
         """Flush; a big flush runs with Python's cyclic garbage collector paused.
 
