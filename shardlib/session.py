@@ -25,6 +25,8 @@ Before every flush, :class:`ShardlibSession`
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from sqlalchemy import event, inspect
@@ -40,10 +42,30 @@ from .models import Report, WeatherLocation
 from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
 
 GC_PAUSE_MIN_OBJECTS = 1000
-"""Flushes of at least this many new objects pause the cyclic GC (see ``flush``)."""
+"""Batches of at least this many objects pause the cyclic GC (see ``_gc_paused_for``)."""
 
 _CONNECTED = "shardlib.connected_shards"
 _CONNECTIONS = "shardlib.flush_connections"
+
+
+@contextmanager
+def _gc_paused_for(object_count: int) -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while many objects are handled.
+
+    Every ORM object is tracked by the cyclic GC, and each full collection
+    re-scans all of them: with tens of thousands of new objects, collections
+    triggered by the session's own allocations cost a fifth to a third of a
+    flush. Reference counting keeps freeing memory meanwhile; cycles wait
+    until the block ends. Small batches, or a GC already paused, are left alone.
+    """
+    if object_count < GC_PAUSE_MIN_OBJECTS or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class ShardlibSession(ShardedSession):
@@ -64,30 +86,14 @@ class ShardlibSession(ShardedSession):
     def add_all(self, instances: Any) -> None:
         """Add many objects; as in :meth:`flush`, a big batch pauses the cyclic GC."""
         instances = list(instances)
-        if len(instances) < GC_PAUSE_MIN_OBJECTS or not gc.isenabled():
-            return super().add_all(instances)
-        gc.disable()
-        try:
-            return super().add_all(instances)
-        finally:
-            gc.enable()
+        with _gc_paused_for(len(instances)):
+            super().add_all(instances)
 
     def flush(self, objects: Any = None) -> None:
-        """Flush; a big flush runs with Python's cyclic garbage collector paused.
-
-        Every object a flush touches is tracked by the cyclic GC, and each
-        full collection re-scans all of them: with tens of thousands of new
-        objects, collections triggered by the flush's own allocations cost a
-        fifth to a third of its time. Reference counting keeps freeing memory
-        meanwhile; cycles wait until the flush ends.
-        """
-        if len(self._new) < GC_PAUSE_MIN_OBJECTS or not gc.isenabled():
-            return super().flush(objects)
-        gc.disable()
-        try:
-            return super().flush(objects)
-        finally:
-            gc.enable()
+        """Flush; a big flush runs with Python's cyclic garbage collector paused
+        (see :func:`_gc_paused_for`)."""
+        with _gc_paused_for(len(self._new)):
+            super().flush(objects)
 
     def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
                             **kw: Any) -> Any:
@@ -139,8 +145,9 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         shard_index[state] = SHARD_IDS.index(shard)
         state.identity_token = shard  # ShardedSession reads it instead of asking again
     for obj in session.dirty:
-        if isinstance(obj, WeatherLocation) and inspect(obj).key is not None:
-            stored_on = inspect(obj).key[2]
+        key = inspect(obj).key
+        if isinstance(obj, WeatherLocation) and key is not None:
+            stored_on = key[2]
             wanted = shard_for_continent(obj.continent)
             if wanted != stored_on:
                 raise ValueError(
