@@ -54,7 +54,15 @@ from sqlalchemy import Row, func
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import operators, visitors
-from sqlalchemy.sql.elements import ColumnElement, Label, Over, UnaryExpression, FunctionFilter, WithinGroup
+from sqlalchemy.sql.elements import (
+    FunctionFilter,
+    Label,
+    Over,
+    UnaryExpression,
+    WithinGroup,
+    _label_reference,
+    _textual_label_reference,
+)
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Select
 
@@ -130,6 +138,8 @@ def _order_items(statement: Select[Any]) -> list[tuple[Any, bool, bool | None]]:
             elif clause.modifier is operators.nulls_last_op:
                 nulls_first = False
             clause = clause.element
+        if isinstance(clause, _label_reference):  # order_by(label): the label itself
+            clause = clause.element
         items.append((clause, descending, nulls_first))
     return items
 
@@ -142,19 +152,16 @@ def _nulls_first(dialect_name: str, descending: bool, explicit: bool | None) -> 
 
 
 def _find(expr: Any, columns: Sequence[Any]) -> int | None:
-    """Position of ``expr`` among ``columns`` (same expression or same label)."""
-    name = getattr(expr, "name", None) if isinstance(expr, Label) or hasattr(expr, "_label_reference") else None
-    element = getattr(expr, "element", None)
-    if type(expr).__name__ == "_label_reference" and element is not None:
-        expr = element
-    if type(expr).__name__ == "_textual_label_reference":
-        name = expr.element
-    for i, column in enumerate(columns):
-        if name is not None and getattr(column, "name", None) == name and isinstance(column, Label):
-            return i
-        if _same(expr, column):
-            return i
-    return None
+    """Position of ``expr`` among ``columns``: the same expression, or the label
+    that ``order_by("name")`` names."""
+    if isinstance(expr, _textual_label_reference):
+        return next((i for i, c in enumerate(columns) if isinstance(c, Label) and c.name == expr.element), None)
+    return next((i for i, c in enumerate(columns) if _same(expr, c)), None)
+
+
+def _group_index(expr: Any, group_by: Sequence[Any]) -> int | None:
+    """Position of ``expr`` among the GROUP BY expressions."""
+    return next((i for i, g in enumerate(group_by) if _same(expr, g)), None)
 
 
 def _int_clause(statement: Select[Any], attribute: str) -> int | None:
@@ -250,9 +257,9 @@ async def gather(
     aggregated = bool(group_by) or any(_contains_aggregate(c) for c in columns)
 
     if aggregated:
-        rows, keys, order = await _gather_aggregates(engines, shards, statement, columns, group_by, params, dialect)
+        rows, order = await _gather_aggregates(engines, shards, statement, columns, group_by, params, dialect)
     else:
-        rows, keys, order = await _gather_rows(engines, shards, statement, columns, limit, offset, params, dialect)
+        rows, order = await _gather_rows(engines, shards, statement, columns, limit, offset, params, dialect)
 
     width = len(columns)
     if order:
@@ -268,8 +275,10 @@ async def gather(
 async def _gather_rows(
     engines: Mapping[str, AsyncEngine], shards: list[str], statement: Select[Any],
     columns: list[Any], limit: int | None, offset: int | None, params: Any, dialect: str,
-) -> tuple[list[tuple[Any, ...]], list[str], list[OrderKey]]:
-    """Plain rows: each shard sorts and returns LIMIT + OFFSET rows; k-way merge."""
+) -> tuple[list[tuple[Any, ...]], list[OrderKey]]:
+    """Plain rows: each shard sorts and returns LIMIT + OFFSET rows; k-way merge.
+
+    Returns the merged rows and no sort keys: they are already in order."""
     per_shard = statement
     hidden: list[Any] = []
     order: list[OrderKey] = []
@@ -290,18 +299,19 @@ async def _gather_rows(
     per_shard = per_shard.offset(None)
 
     results = await asyncio.gather(*(_fetch(engines[s], per_shard, params) for s in shards))
-    keys = [c.key for c in per_shard.selected_columns]
     if order:  # each shard's stream is already sorted: merge, don't re-sort
-        merged = list(heapq.merge(*results, key=functools.cmp_to_key(functools.partial(_compare, order))))
-        return merged, keys, []
-    return [row for result in results for row in result], keys, []
+        return list(heapq.merge(*results, key=functools.cmp_to_key(functools.partial(_compare, order)))), []
+    return [row for result in results for row in result], []
 
 
 async def _gather_aggregates(
     engines: Mapping[str, AsyncEngine], shards: list[str], statement: Select[Any],
     columns: list[Any], group_by: list[Any], params: Any, dialect: str,
-) -> tuple[list[tuple[Any, ...]], list[str], list[OrderKey]]:
-    """Aggregates: per-shard partial aggregates per group, combined here."""
+) -> tuple[list[tuple[Any, ...]], list[OrderKey]]:
+    """Aggregates: per-shard partial aggregates per group, combined here.
+
+    Returns one row per group (output columns, then the group keys) and the
+    sort keys the caller must apply."""
     fetched: list[Any] = [key.label(f"_shardlib_group_{i}") for i, key in enumerate(group_by)]
     outputs: list[Aggregate | int] = []  # an Aggregate, or the index of a group key
     for column in columns:
@@ -312,7 +322,7 @@ async def _gather_aggregates(
                     f"gather cannot merge an aggregate inside an expression ({column}); "
                     f"select the aggregates and compute the expression from the merged rows"
                 )
-            key = next((i for i, g in enumerate(group_by) if _same(column, g)), None)
+            key = _group_index(column, group_by)
             if key is None:
                 raise NotImplementedError(
                     f"gather cannot merge {column}: it is neither in GROUP BY nor an aggregate"
@@ -354,10 +364,9 @@ async def _gather_aggregates(
     for expr, descending, nulls in _order_items(statement):
         position = _find(expr, columns)
         if position is None:
-            key = next((i for i, g in enumerate(group_by) if _same(expr, g)), None)
+            key = _group_index(expr, group_by)
             if key is None:
                 raise NotImplementedError(f"gather cannot order merged groups by {expr}; order by a selected column")
             position = len(columns) + key
         order.append(OrderKey(position, descending, _nulls_first(dialect, descending, nulls)))
-    keys = [c.key for c in statement.selected_columns]
-    return rows, keys + [f"_shardlib_group_{i}" for i in range(len(group_by))], order
+    return rows, order
