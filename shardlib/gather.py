@@ -123,23 +123,31 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or a.compare(b)
 
 
+_ORDER_MODIFIERS = (operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op)
+
+
 def _order_items(statement: Select[Any]) -> list[tuple[Any, bool, bool | None]]:
-    """(expression, descending, explicit nulls_first or None) per ORDER BY item."""
+    """(expression, descending, explicit nulls_first or None) per ORDER BY item.
+
+    ``order_by(label)`` and ``order_by(label.desc())`` arrive wrapped in a
+    label reference, which may sit outside the DESC / NULLS modifiers.
+    """
     items = []
     for clause in statement._order_by_clauses:
         descending, nulls_first = False, None
-        while isinstance(clause, UnaryExpression) and clause.modifier in (
-            operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
-        ):
-            if clause.modifier is operators.desc_op:
-                descending = True
-            elif clause.modifier is operators.nulls_first_op:
-                nulls_first = True
-            elif clause.modifier is operators.nulls_last_op:
-                nulls_first = False
-            clause = clause.element
-        if isinstance(clause, _label_reference):  # order_by(label): the label itself
-            clause = clause.element
+        while True:
+            if isinstance(clause, _label_reference):
+                clause = clause.element
+            elif isinstance(clause, UnaryExpression) and clause.modifier in _ORDER_MODIFIERS:
+                if clause.modifier is operators.desc_op:
+                    descending = True
+                elif clause.modifier is operators.nulls_first_op:
+                    nulls_first = True
+                elif clause.modifier is operators.nulls_last_op:
+                    nulls_first = False
+                clause = clause.element
+            else:
+                break
         items.append((clause, descending, nulls_first))
     return items
 

@@ -93,6 +93,8 @@ joined = select(WL.id, WL.continent, WL.city, Report.temperature).outerjoin(Repo
         select(WL.city).distinct().order_by(WL.city),
         select(WL.city).distinct().order_by(WL.city.desc()).limit(3).offset(1),
         select(WL.continent.label("c"), WL.city).order_by("c", WL.city).limit(4),
+        select(WL.city.label("c"), WL.id).order_by(WL.city.label("c").desc(), WL.id).limit(5),
+        select(WL.city.label("c"), WL.id).order_by(WL.city.label("c"), WL.id.desc()).offset(3),
         select(func.count()).select_from(WL),
         select(func.count(Report.id), func.sum(Report.temperature), func.avg(Report.temperature),
                func.min(Report.temperature), func.max(Report.temperature)),
