@@ -150,10 +150,10 @@ async def bulk_insert(
         columns = LOCATION_COLUMNS
         async with engines[COUNTER_SHARD].begin() as conn:
             number = await conn.run_sync(advance_counter, total)
+        step = 1 << SHARD_BITS  # consecutive sequence numbers on one shard
         for shard in SHARD_IDS:
             pairs = routed[shard]
-            first_id = make_id(number, shard)  # ids step by 1 << SHARD_BITS within a shard
-            step = 1 << SHARD_BITS
+            first_id = make_id(number, shard)
             routed[shard] = [(first_id + i * step, c, city) for i, (c, city) in enumerate(pairs)]
             number += len(pairs)
 

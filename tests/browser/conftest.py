@@ -80,10 +80,6 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """``jupyter lab`` on the real notebooks folder, unable to change it."""
     checkpoints = NOTEBOOKS / ".ipynb_checkpoints"
     had_checkpoints = checkpoints.exists()
-    server = LabServer(NOTEBOOKS, tmp_path_factory.mktemp("lab"), ARTIFACTS / "browser" / "jupyter-lab.log")
-    server.start()
-    try:
+    with LabServer(NOTEBOOKS, tmp_path_factory.mktemp("lab"), ARTIFACTS / "browser" / "jupyter-lab.log") as server:
         yield server
-    finally:
-        server.stop()
     assert had_checkpoints or not checkpoints.exists(), f"JupyterLab wrote {checkpoints}"

@@ -184,6 +184,13 @@ class LabServer:
             self.stop()
         raise RuntimeError(f"{last_error}; see {self.log_path}:\n{self.log_tail()}")
 
+    def __enter__(self) -> "LabServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:

@@ -45,12 +45,8 @@ def _canary() -> nbformat.NotebookNode:
 def canary_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     root = tmp_path_factory.mktemp("canary-notebooks")
     nbformat.write(_canary(), root / CANARY)
-    server = LabServer(root, tmp_path_factory.mktemp("canary-lab"), ARTIFACTS / "browser" / "jupyter-lab-canary.log")
-    server.start()
-    try:
+    with LabServer(root, tmp_path_factory.mktemp("canary-lab"), ARTIFACTS / "browser" / "jupyter-lab-canary.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_a_failing_cell_is_reported(canary_server: LabServer, browser_context: Any) -> None:
