@@ -216,10 +216,10 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         allocate=lambda n: allocate_ids(session, n),
         reserve=lambda numbers: reserve_ids(session, numbers),
     )
-    target = orm_context.bind_mapper.class_ if orm_context.bind_mapper is not None else statement.table
     from sqlalchemy import insert
 
-    shard_statement = insert(target)
+    # a Core INSERT per shard: the ORM's bulk path refuses per-shard connections
+    shard_statement = insert(canonical(statement.table))
     if expressions:
         shard_statement = shard_statement.values(**expressions)
     if statement._returning:
@@ -239,7 +239,7 @@ def _exists(orm_context: ORMExecuteState, statement: Select[Any], params: Any) -
         needed.update(shards_for(element, params if isinstance(params, Mapping) else None))
     shards = [s for s in SHARD_IDS if s in needed] or [SHARD_IDS[0]]
     frozen = [_on(orm_context, s).freeze() for s in shards]
-    rows = [row for f in frozen for row in f.data]
+    rows = _rows(frozen)
     merged = tuple(any(bool(row[i]) for row in rows) for i in range(len(rows[0]))) if rows else ()
     return frozen[0].with_new_rows([merged] if rows else [])()
 
@@ -420,29 +420,38 @@ def _select(orm_context: ORMExecuteState, statement: Select[Any], shards: list[s
     if limit is _UNREADABLE or offset is _UNREADABLE:
         raise _refuse("a LIMIT/OFFSET given as an expression", shards)
     dialect = orm_context.session.get_bind(shard_id=shards[0]).dialect.name
-    keys = []
+    width = len(statement.column_descriptions)
+    shard_statement = statement
+    keys, extra = [], []
     for item, descending, nulls_first in _order_items(statement):
         getter = _key_getter(statement, item)
         if getter is None:
-            raise _refuse(f"ORDER BY {item} (it must be a selected column or an attribute of a selected "
-                          f"entity, without COLLATE)", shards)
+            if (isinstance(item, (CollationClause, _textual_label_reference))
+                    or any(isinstance(e, CollationClause) for e in _walk(item)) or statement._distinct):
+                raise _refuse(f"ORDER BY {item} (with COLLATE, by name, or under DISTINCT: not a "
+                              f"selected column)", shards)
+            # fetch the sort value beside each row, merge on it, drop it afterwards
+            position = width + len(extra)
+            extra.append(item.label(f"shardlib_order_{len(extra)}"))
+            getter = lambda row, i=position: row[i]  # noqa: E731
         keys.append((getter, descending, _nulls_first(dialect, descending, nulls_first)))
-
-    shard_statement = statement
+    if extra:
+        shard_statement = shard_statement.add_columns(*extra)
     if limit is not None or offset:
-        shard_statement = statement.offset(None).limit(None if limit is None else limit + (offset or 0))
+        shard_statement = shard_statement.offset(None).limit(None if limit is None else limit + (offset or 0))
     needs_merge = bool(keys) or statement._distinct or limit is not None or offset
     if not needs_merge:
         return _concatenate([_on(orm_context, s) for s in shards])
     frozen = [_on(orm_context, s, shard_statement).freeze() for s in shards]
-    rows = [row for f in frozen for row in f.data]
+    rows = _rows(frozen)
     if keys:
         rows.sort(key=functools.cmp_to_key(functools.partial(_compare, keys)))
     if statement._distinct:
         rows = _distinct(rows)
     start = offset or 0
     rows = rows[start:] if limit is None else rows[start:start + limit]
-    return frozen[0].with_new_rows(rows)()
+    result = frozen[0].with_new_rows(rows)()
+    return result.columns(*range(width)) if extra else result
 
 
 def _distinct(rows: list[Any]) -> list[Any]:
@@ -475,4 +484,11 @@ def _compound(orm_context: ORMExecuteState, statement: CompoundSelect, shards: l
     if keyword == "UNION_ALL":
         return _concatenate([_on(orm_context, s) for s in shards])
     frozen = [_on(orm_context, s).freeze() for s in shards]
-    return frozen[0].with_new_rows(_distinct([row for f in frozen for row in f.data]))()
+    return frozen[0].with_new_rows(_distinct(_rows(frozen)))()
+
+
+def _rows(frozen: list[Any]) -> list[tuple[Any, ...]]:
+    """Every shard's rows as tuples (a one-entity ORM result stores bare objects)."""
+    if frozen[0]._source_supports_scalars:
+        return [(row,) for f in frozen for row in f.data]
+    return [tuple(row) for f in frozen for row in f.data]

@@ -34,6 +34,7 @@ from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
@@ -92,6 +93,20 @@ class ShardlibSession(ShardedSession):
         if shard_id is not None:
             check_shard_id(shard_id)
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
+
+    def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
+        """``Session.get``; a primary key found on several shards names them."""
+        try:
+            return super().get(entity, ident, **kw)
+        except MultipleResultsFound:
+            kw.pop("identity_token", None)
+            found = [s for s in SHARD_IDS if ShardedSession.get(self, entity, ident, identity_token=s, **kw) is not None]
+            raise MultipleResultsFound(
+                f"{getattr(entity, '__name__', entity)} {ident!r} exists on {len(found)} shards "
+                f"({', '.join(map(repr, found))}): its ids are shard-local. Ask one shard with "
+                f"session.get({getattr(entity, '__name__', entity)}, {ident!r}, identity_token=...) "
+                f"with one of {', '.join(map(repr, found))}, or select it through its location"
+            ) from None
 
     def add_all(self, instances: Any) -> None:
         """Add many objects; as in :meth:`flush`, a big batch pauses the cyclic GC."""
