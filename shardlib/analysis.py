@@ -768,6 +768,9 @@ def locality_problem(statement: Any) -> str | None:
     (``LIMIT``/``OFFSET``) or holds a set operation is refused too: four shards
     would each keep their own first rows.
     """
+    simple = _single_source(statement)
+    if simple is not None:
+        return None  # one FROM element, no subquery: nothing to keep together
     scopes = _Scopes()
     parts = statement.selects if isinstance(statement, CompoundSelect) else [statement]
     for part in parts:
@@ -820,5 +823,29 @@ def _unlabel(expr: Any) -> Any:
     return expr
 
 
+def _single_source(statement: Any) -> Any:
+    """The one FROM element of a plain SELECT without joins or subqueries, else ``None``.
+
+    The fast path: compiling FROM lists (``get_final_froms``) costs more than
+    routing; most statements read one table and need none of it.
+    """
+    if not isinstance(statement, Select) or statement._setup_joins or statement._from_obj:
+        return None
+    froms = {canonical(f) for f in statement.columns_clause_froms}
+    where = statement.whereclause
+    if where is not None:
+        froms.update(canonical(f) for f in where._from_objects)
+    if len(froms) != 1:
+        return None
+    parts = list(statement.selected_columns) + ([where] if where is not None else [])
+    if statement._having_criteria or any(_nested_selects(p) or isinstance(p, Select) for p in parts):
+        return None
+    (only,) = froms
+    return only if isinstance(only, (TableClause, Alias)) else None
+
+
 def reads_sharded_tables(statement: Any) -> bool:
+    simple = _single_source(statement)
+    if simple is not None:
+        return _is_sharded_from(simple)
     return _reads_sharded(statement)
