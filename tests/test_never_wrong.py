@@ -432,3 +432,30 @@ def test_get_of_a_report_id_on_two_shards_names_them(both) -> None:
     with pytest.raises(Exception, match="shards") as raised:
         world.run(go())
     assert "asia" in str(raised.value) or "north_america" in str(raised.value)
+
+
+def test_bulk_insert_of_tuples_names_the_row_and_the_shape(fresh) -> None:
+    with pytest.raises(ValueError, match=r"row 0 is a tuple .*'continent', 'city'"):
+        fresh.run(shardlib.bulk_insert(fresh.engines, WL, [("Asia", "Tokyo")]))
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_a_failed_bulk_insert_names_the_shard_and_leaves_nothing_pending(fresh, concurrent) -> None:
+    world = fresh
+
+    async def break_europe():
+        async with world.engines["europe"].begin() as conn:
+            await conn.execute(text("DROP TABLE weather_reports"))
+            await conn.execute(text("DROP TABLE weather_locations"))
+
+    world.run(break_europe())
+    rows = [dict(continent=c, city="x") for c in ("Asia", "Europe", "South America")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would fail here
+        with pytest.raises(shardlib.bulk.BulkInsertError, match="shard 'europe'"):
+            world.run(shardlib.bulk_insert(world.engines, WL, rows, concurrent=concurrent))
+        import gc
+
+        gc.collect()
+    for engine in world.engines.values():
+        assert engine.sync_engine.pool.checkedout() == 0
