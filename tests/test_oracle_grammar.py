@@ -34,7 +34,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, CrossShardRefused, Report, WeatherLocation, trace
 
-from .conftest import FIXED_TIME, Unsharded, standalone_world
+from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
 
 WL = WeatherLocation
 CONTINENTS = ["North America", "Asia", "Europe", "South America"]
@@ -45,7 +45,9 @@ A, B = aliased(WL, name="a"), aliased(WL, name="b")
 ALIASES = {"a": A, "b": B}
 
 continent_values = st.sampled_from(CONTINENTS + ["Atlantis"])
-city_values = st.sampled_from(FEW_CITIES + [1, 1.0])  # typed: 1 and 1.0 are different tests
+# typed values: city = 1 and city = 1.0 are different tests in SQLite (PostgreSQL refuses
+# to compare text with a number at all, so there the grammar keeps to text)
+city_values = st.sampled_from(FEW_CITIES + ([] if on_postgres() else [1, 1.0]))
 
 
 city_names = st.sampled_from(FEW_CITIES + ["Nowhere"])
@@ -200,6 +202,8 @@ FOUND_BY_HAND = [  # cases the grammar reaches only rarely; each once sent a que
 
 @pytest.mark.parametrize(("clause", "chosen"), FOUND_BY_HAND, ids=str)
 def test_self_join_cases_found_by_hand(both, clause, chosen) -> None:
+    if on_postgres() and "1" in repr(clause).replace("'1'", ""):
+        pytest.skip("PostgreSQL cannot compare text with a number")
     check_self_join(both, clause, chosen)
 
 
