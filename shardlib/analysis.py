@@ -35,11 +35,12 @@ the free atoms makes the clause TRUE. That is satisfiability; it is decided
 without enumerating assignments:
 
 1. constant folding (``x AND FALSE`` is FALSE, ``NOT TRUE`` is FALSE, ...);
-2. *pure atoms*: an atom that appears only un-negated (or only negated) is set
+2. an ``OR`` can be TRUE iff one of its parts can (each is decided alone);
+3. *pure atoms*: an atom that appears only un-negated (or only negated) is set
    to whichever value helps; Kleene's ``AND``/``OR`` are monotone and ``NOT``
    reverses, so this never loses a satisfying assignment. In a WHERE clause
    where no test appears twice, this alone decides, in one pass;
-3. what remains (a test repeated both plain and negated) is split on one atom
+4. what remains (a test repeated both plain and negated) is split on one atom
    at a time, refolding after each choice, within a budget of
    :data:`MAX_SPLITS`. Past the budget the shard is kept: never fewer shards.
 
@@ -81,7 +82,7 @@ from .models import SHARD_KEY_COLUMNS
 from .shards import SHARD_IDS, continents_on, shard_for_id
 
 MAX_SPLITS = 2000
-"""Branching budget per shard (step 3 above); past it the shard is kept."""
+"""Branching budget per shard (step 4 above); past it the shard is kept."""
 
 # --------------------------------------------------------------------------
 # the boolean tree
@@ -336,11 +337,11 @@ def _tree(expr: Any, params: Params | None) -> Node:
 # --------------------------------------------------------------------------
 
 
-def _fold_and(children: list[Node]) -> Node:
+def _fold_and(children: Iterable[Node]) -> Node:
     kept: list[Node] = []
     null = False
-    for child in children:
-        if isinstance(child, Const):
+    for child in children:  # a generator: stops substituting at the first FALSE
+        if type(child) is Const:
             if child.value is False:
                 return FALSE
             if child.value is None:
@@ -354,11 +355,11 @@ def _fold_and(children: list[Node]) -> Node:
     return kept[0] if len(kept) == 1 else And(tuple(kept))
 
 
-def _fold_or(children: list[Node]) -> Node:
+def _fold_or(children: Iterable[Node]) -> Node:
     kept: list[Node] = []
     null = False
-    for child in children:
-        if isinstance(child, Const):
+    for child in children:  # a generator: stops substituting at the first TRUE
+        if type(child) is Const:
             if child.value is True:
                 return TRUE
             if child.value is None:
@@ -376,9 +377,9 @@ def _substitute(node: Node, shard: str | None, truth: Mapping[Any, bool]) -> Nod
     """Replace continent/id atoms for ``shard`` (if given) and atoms in ``truth``; fold constants."""
     kind = type(node)
     if kind is And:
-        return _fold_and([_substitute(c, shard, truth) for c in node.children])
+        return _fold_and(_substitute(c, shard, truth) for c in node.children)
     if kind is Or:
-        return _fold_or([_substitute(c, shard, truth) for c in node.children])
+        return _fold_or(_substitute(c, shard, truth) for c in node.children)
     if kind is Not:
         child = _substitute(node.child, shard, truth)
         if type(child) is Const:
@@ -441,6 +442,8 @@ def can_be_true(node: Node, budget: list[int] | None = None) -> bool:
     while True:
         if type(node) is Const:
             return node.value is True
+        if type(node) is Or:  # TRUE if any one disjunct can be made TRUE on its own
+            return any(can_be_true(child, budget) for child in node.children)
         polarity: dict[Any, int] = {}
         _polarities(node, True, polarity)
         pure = {key: mask == 1 for key, mask in polarity.items() if mask != 3}
@@ -456,7 +459,33 @@ def can_be_true(node: Node, budget: list[int] | None = None) -> bool:
     )
 
 
+def presolve(tree: Node) -> Node:
+    """Settle the pure free atoms once, before the per-shard decisions.
+
+    A free atom's polarity does not depend on the shard (only continent and id
+    atoms are replaced per shard), so setting it to the value that helps is
+    valid for every shard at once; what is left for each shard is small.
+    """
+    polarity: dict[Any, int] = {}
+    _polarities(tree, True, polarity)
+    pure = {key: mask == 1 for key, mask in polarity.items() if mask != 3 and key[0] != "id"}
+    return _shard_atoms_first(_substitute(tree, None, pure) if pure else tree)
+
+
+def _shard_atoms_first(node: Node) -> Node:
+    """Put continent and id tests first in every AND/OR, so a shard they rule out
+    short-circuits before the rest is looked at."""
+    if isinstance(node, (And, Or)):
+        children = [_shard_atoms_first(c) for c in node.children]
+        children.sort(key=lambda c: not isinstance(c, (ContinentIn, IdIn)))
+        return type(node)(tuple(children))
+    if isinstance(node, Not):
+        return Not(_shard_atoms_first(node.child))
+    return node
+
+
 def shards_for_tree(tree: Node) -> list[str]:
+    tree = presolve(tree)
     return [s for s in SHARD_IDS if can_be_true(on_shard(tree, s))]
 
 
@@ -560,7 +589,7 @@ def shards_for(
     for param_set in param_sets:
         bound = Params(param_set, statement, dialect) if param_set else None
         for clause in clauses:
-            tree = _tree(clause, bound)
+            tree = presolve(_tree(clause, bound))
             for shard in SHARD_IDS:
                 if shard not in needed and can_be_true(on_shard(tree, shard)):
                     needed.add(shard)
