@@ -1,0 +1,53 @@
+"""Checking a learner's answer in a notebook exercise, in words.
+
+Every exercise in the course has three cells: the learner's cell (the answer
+starts as ``...``), a visible *check* cell, and a hidden solution. The check
+cell compares the learner's answer with what really happens and says so::
+
+    check_answer("lima_shard", lima_shard, observed_shard, cell="the cell above")
+
+It prints one line and returns ``True`` (right), ``False`` (wrong) or
+``None`` (not answered yet). It never raises for a wrong or missing answer:
+Restart & Run All must stay green before the learner has written anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+UNANSWERED = (Ellipsis, None)
+
+
+def is_unanswered(value: Any) -> bool:
+    """True for the placeholders a learner's cell starts with (``...`` or ``None``)."""
+    if any(value is placeholder for placeholder in UNANSWERED):
+        return True
+    if isinstance(value, dict):
+        return bool(value) and all(is_unanswered(v) for v in value.values())
+    return False
+
+
+def check_answer(name: str, given: Any, expected: Any, *, cell: str) -> bool | None:
+    """Compare ``given`` with ``expected`` and say what happened, naming ``cell`` to change.
+
+    >>> check_answer("x", ..., 3, cell="the cell above")
+    x: not answered yet: put your answer in the cell above and run it, then run this cell again
+    >>> check_answer("x", 3, 3, cell="the cell above")
+    x: right (3)
+    True
+    >>> check_answer("x", 4, 3, cell="the cell above")
+    x: not quite: expected 3, you gave 4; change the cell above and run it, then run this cell again
+    False
+    """
+    if is_unanswered(given):
+        print(f"{name}: not answered yet: put your answer in {cell} and run it, then run this cell again")
+        return None
+    if given == expected:
+        print(f"{name}: right ({given!r})")
+        return True
+    print(f"{name}: not quite: expected {expected!r}, you gave {given!r}; "
+          f"change {cell} and run it, then run this cell again")
+    return False
+
+
+__all__ = ["check_answer", "is_unanswered"]
