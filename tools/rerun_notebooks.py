@@ -1,0 +1,80 @@
+"""Run each notebook with every code cell executed twice in a row: ``python tools/rerun_notebooks.py [NB ...]``.
+
+This is how a learner really uses a notebook: they edit a cell, run it, run
+it again. Every cell must survive that: set-up cells dispose the engines and
+sessions they replace, data cells are idempotent, checks say what they
+expected. The notebook runs top to bottom in ONE fresh ``python3`` kernel
+(working directory ``notebooks/``, as nbval and ``tools/run_notebooks.py``);
+each code cell is run, then run again, before the next one. The first error
+stops the notebook and is reported with its cell index and which run failed.
+
+Nothing is written back: the committed outputs change only through
+``make notebooks``. ``tests/test_rerun.py`` runs this for every notebook
+(``make test``); ``--json`` prints one machine-readable line per notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def rerun(path: Path, times: int = 2) -> dict[str, object]:
+    """Execute ``path`` with each code cell run ``times`` times; return ``{"notebook", "error", "seconds"}``.
+
+    ``error`` is ``None`` or a sentence naming the cell index (0-based, as in
+    JupyterLab's cell order), the run (1st or 2nd), the first source line and
+    the exception.
+    """
+    nb = nbformat.read(path, as_version=4)
+    os.environ["IPYKERNEL_CELL_NAME"] = "<IPY-INPUT>"
+    os.environ.pop("SHARDLIB_URLS", None)  # each notebook has its own SQLite folder: safe to run in parallel
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+        allow_errors=False,
+    )
+    started = time.perf_counter()
+    error = None
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            for attempt in range(1, times + 1):
+                try:
+                    client.execute_cell(cell, index)
+                except CellExecutionError as exc:
+                    first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
+                    error = (
+                        f"{path.name}: cell {index} failed on run {attempt} of {times} "
+                        f"(first line: {first_line!r}): {exc.ename}: {exc.evalue}"
+                    )
+                    break
+            if error:
+                break
+    return {"notebook": path.name, "error": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv: list[str]) -> int:
+    as_json = "--json" in argv
+    paths = [Path(a).resolve() for a in argv if a != "--json"] or sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    failed = 0
+    for path in paths:
+        result = rerun(path)
+        failed += result["error"] is not None
+        print(json.dumps(result) if as_json else f"{result['notebook']}: {result['error'] or 'ok'} ({result['seconds']}s)",
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
