@@ -27,6 +27,23 @@ def is_unanswered(value: Any) -> bool:
     return False
 
 
+def shard_list(value: Any) -> Any:
+    """A learner's list of shard ids in ``SHARD_IDS`` order (unknown names last), so order never matters.
+
+    Placeholders (``...``) pass through unchanged.
+
+    >>> shard_list(["europe", "asia"])
+    ['asia', 'europe']
+    >>> shard_list(["europa", "asia"])
+    ['asia', 'europa']
+    """
+    from .shards import SHARD_IDS
+
+    if is_unanswered(value) or isinstance(value, str) or not hasattr(value, "__iter__"):
+        return value
+    return sorted(value, key=lambda s: (SHARD_IDS.index(s) if s in SHARD_IDS else len(SHARD_IDS), str(s)))
+
+
 def check_answer(name: str, given: Any, expected: Any, *, cell: str) -> bool | None:
     """Compare ``given`` with ``expected`` and say what happened, naming ``cell`` to change.
 
@@ -50,4 +67,4 @@ def check_answer(name: str, given: Any, expected: Any, *, cell: str) -> bool | N
     return False
 
 
-__all__ = ["check_answer", "is_unanswered"]
+__all__ = ["check_answer", "is_unanswered", "shard_list"]
