@@ -7,7 +7,7 @@ cell compares the learner's answer with what really happens and says so::
     check_answer("lima_shard", lima_shard, observed_shard, cell="the cell above")
 
 It prints one line and returns ``True`` (right), ``False`` (wrong) or
-``None`` (not answered yet). It never raises for a wrong or missing answer:
+``None`` (not answered yet: the answer is still ``...``). It never raises for a wrong or missing answer:
 Restart & Run All must stay green before the learner has written anything.
 """
 
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-UNANSWERED = (Ellipsis, None)
-
-
 def is_unanswered(value: Any) -> bool:
-    """True for the placeholders a learner's cell starts with (``...`` or ``None``)."""
-    if any(value is placeholder for placeholder in UNANSWERED):
+    """True for the placeholder a learner's cell starts with: ``...`` (or a dict of only ``...``).
+
+    ``None`` is an answer (e.g. "no such row"), not a placeholder.
+
+    >>> is_unanswered(...), is_unanswered({"A": ..., "B": ...}), is_unanswered(None), is_unanswered({"A": 1, "B": ...})
+    (True, True, False, False)
+    """
+    if value is Ellipsis:
         return True
     if isinstance(value, dict):
         return bool(value) and all(is_unanswered(v) for v in value.values())

@@ -11,6 +11,11 @@ stops the notebook and is reported with its cell index and which run failed.
 Nothing is written back: the committed outputs change only through
 ``make notebooks``. ``tests/test_rerun.py`` runs this for every notebook
 (``make test``); ``--json`` prints one machine-readable line per notebook.
+
+After the last cell, every check cell (tag ``check``) runs once more: the
+hidden solutions have set the answers by then, so each check must say
+"right" for every answer. That proves the checks grade what they claim to,
+and that each solution satisfies its own check.
 """
 
 from __future__ import annotations
@@ -61,7 +66,25 @@ def rerun(path: Path, times: int = 2) -> dict[str, object]:
                     break
             if error:
                 break
+        if error is None:
+            error = _checks_accept_the_solutions(client, nb, path)
     return {"notebook": path.name, "error": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _checks_accept_the_solutions(client: NotebookClient, nb, path: Path) -> str | None:
+    """After Run All the hidden solutions have set every answer: each check cell, run again, must say "right"."""
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "check" not in cell.metadata.get("tags", []):
+            continue
+        try:
+            client.execute_cell(cell, index)
+        except CellExecutionError as exc:
+            return f"{path.name}: check cell {index} failed when run after the solutions: {exc.ename}: {exc.evalue}"
+        printed = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+        if "right" not in printed or "not quite" in printed or "not answered yet" in printed:
+            return (f"{path.name}: check cell {index}, run after the hidden solutions, should say 'right' "
+                    f"for every answer; it printed: {printed.strip()[:1000]!r}")
+    return None
 
 
 def main(argv: list[str]) -> int:
