@@ -121,6 +121,10 @@ def test_solution_cells_hide_source_and_outputs(path: Path) -> None:
                 f"cell {index}: a solution needs jupyter.source_hidden AND jupyter.outputs_hidden true, has {flags}"
             )
             assert "solution" in _tags(cell), f"cell {index}: a hidden solution needs the tag 'solution', has {_tags(cell)}"
+            assert not cell.outputs, (
+                f"cell {index}: a solution must print and display nothing: JupyterLab shows a cell's output "
+                "again whenever it runs (outputs_hidden protects only the saved file), so Run All would reveal it"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -164,3 +168,19 @@ def test_time_to_learn_follows_the_method(path: Path) -> None:
         f"({m['words']} words / 150 + {m['code_lines']} code lines / 15 + 5 x {m['exercises']} exercises), "
         f"so state between {low} and {high}"
     )
+
+
+def test_the_overview_map_lists_every_notebook_with_its_stated_time() -> None:
+    """00's "A map of the set" links each notebook once, in order, with the minutes it states."""
+    nb = nbformat.read(ROOT / "notebooks" / "00_overview.ipynb", as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    section = re.search(r"^## A map of the set\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert section, "00_overview needs a '## A map of the set' section"
+    rows = re.findall(r"^\|\s*\[[^\]]*\]\((\d\d_[a-z0-9_]+\.ipynb)\)\s*\|.*\|\s*(\d+)\s*\|\s*$", section.group(1), re.M)
+    listed = {name: int(minutes) for name, minutes in rows}
+    assert [name for name, _ in rows] == [p.name for p in NOTEBOOKS], (
+        f"the map lists {[name for name, _ in rows]}, the folder holds {[p.name for p in NOTEBOOKS]}"
+    )
+    stated = {p.name: time_to_learn.stated_minutes(nbformat.read(p, as_version=4)) for p in NOTEBOOKS}
+    wrong = {name: (listed[name], stated[name]) for name in listed if listed[name] != stated[name]}
+    assert not wrong, f"map minutes differ from the notebooks' own (map, notebook): {wrong}"
