@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def rerun(path: Path, times: int = 2) -> dict[str, object]:
                     first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
                     error = (
                         f"{path.name}: cell {index} failed on run {attempt} of {times} "
-                        f"(first line: {first_line!r}): {exc.ename}: {exc.evalue}"
+                        f"(first line: {first_line!r}): {exc.ename}: {exc.evalue}{_failing_line(exc)}"
                     )
                     break
             if error:
@@ -69,6 +70,12 @@ def rerun(path: Path, times: int = 2) -> dict[str, object]:
         if error is None:
             error = _checks_accept_the_solutions(client, nb, path)
     return {"notebook": path.name, "error": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _failing_line(exc: CellExecutionError) -> str:
+    """The source line IPython's traceback points at (``---->``), for errors with no message."""
+    marked = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if "---->" in line]
+    return f" at: {marked[-1].split('---->', 1)[1].strip()}" if marked else ""
 
 
 def _checks_accept_the_solutions(client: NotebookClient, nb, path: Path) -> str | None:
