@@ -10,7 +10,9 @@ stops the notebook and is reported with its cell index and which run failed.
 
 Nothing is written back: the committed outputs change only through
 ``make notebooks``. ``tests/test_rerun.py`` runs this for every notebook
-(``make test``); ``--json`` prints one machine-readable line per notebook.
+(``make test``); ``--json`` prints one machine-readable line per notebook; ``--servers`` keeps
+``SHARDLIB_URLS`` (normally dropped so parallel runs get their own SQLite
+folders) to run on the servers it names, one notebook after another.
 
 After the last cell, every check cell (tag ``check``) runs once more: the
 hidden solutions have set the answers by then, so each check must say
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def rerun(path: Path, times: int = 2) -> dict[str, object]:
+def rerun(path: Path, times: int = 2, servers: bool = False) -> dict[str, object]:
     """Execute ``path`` with each code cell run ``times`` times; return ``{"notebook", "error", "seconds"}``.
 
     ``error`` is ``None`` or a sentence naming the cell index (0-based, as in
@@ -44,7 +46,8 @@ def rerun(path: Path, times: int = 2) -> dict[str, object]:
     """
     nb = nbformat.read(path, as_version=4)
     os.environ["IPYKERNEL_CELL_NAME"] = "<IPY-INPUT>"
-    os.environ.pop("SHARDLIB_URLS", None)  # each notebook has its own SQLite folder: safe to run in parallel
+    if not servers:  # each notebook has its own SQLite folder: safe to run in parallel
+        os.environ.pop("SHARDLIB_URLS", None)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
         allow_errors=False,
@@ -96,10 +99,11 @@ def _checks_accept_the_solutions(client: NotebookClient, nb, path: Path) -> str 
 
 def main(argv: list[str]) -> int:
     as_json = "--json" in argv
-    paths = [Path(a).resolve() for a in argv if a != "--json"] or sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    servers = "--servers" in argv  # keep SHARDLIB_URLS: run on those servers (one notebook at a time!)
+    paths = [Path(a).resolve() for a in argv if not a.startswith("--")] or sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     failed = 0
     for path in paths:
-        result = rerun(path)
+        result = rerun(path, servers=servers)
         failed += result["error"] is not None
         print(json.dumps(result) if as_json else f"{result['notebook']}: {result['error'] or 'ok'} ({result['seconds']}s)",
               flush=True)
