@@ -837,10 +837,15 @@ def _describe_source(source: Any) -> str:
 
 
 def is_exists_only(statement: Any) -> bool:
-    """``select(exists().where(...))``: every selected column is an EXISTS, nothing in FROM."""
-    if not isinstance(statement, Select) or _froms(statement):
+    """``select(exists().where(...))``: every selected column is an EXISTS, nothing in FROM.
+
+    Read from the statement as written (no compile: compiling an ORM statement
+    here would also change what SQLAlchemy caches for its loaders)."""
+    if not isinstance(statement, Select) or statement._from_obj or statement._setup_joins:
         return False
-    columns = list(statement.selected_columns)
+    if statement.whereclause is not None:
+        return False
+    columns = statement._raw_columns
     return bool(columns) and all(isinstance(_unlabel(c), Exists) for c in columns)
 
 
