@@ -110,6 +110,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     BooleanClauseList,
+    ClauseList,
     ColumnClause,
     FunctionFilter,
     Grouping,
@@ -397,25 +398,25 @@ def _shard_key(column: Any) -> tuple[str, Any] | None:
 
 
 class _Components:
-    """Union-find over FROM nodes, joined by shard-key equalities."""
+    """Union-find over row sources, joined by shard-key equalities."""
 
     def __init__(self) -> None:
-        self.parent: dict[int, int] = {}
+        self.parent: dict[Any, Any] = {}
 
-    def add(self, node: Any) -> None:
-        self.parent.setdefault(id(node), id(node))
+    def add(self, key: Any) -> None:
+        self.parent.setdefault(key, key)
 
-    def find(self, key: int) -> int:
+    def find(self, key: Any) -> Any:
         while self.parent[key] != key:
             self.parent[key] = self.parent[self.parent[key]]
             key = self.parent[key]
         return key
 
     def union(self, a: Any, b: Any) -> None:
-        self.parent[self.find(id(a))] = self.find(id(b))
+        self.parent[self.find(a)] = self.find(b)
 
     def together(self, a: Any, b: Any) -> bool:
-        return self.find(id(a)) == self.find(id(b))
+        return self.find(a) == self.find(b)
 
 
 def _has_table(element: Any) -> bool:
@@ -428,6 +429,15 @@ def _has_table(element: Any) -> bool:
 class _Froms:
     nodes: list[Any] = field(default_factory=list)  # FROM elements holding sharded rows
     conditions: list[Any] = field(default_factory=list)  # JOIN ... ON conjuncts
+
+
+def _from_name(node: Any) -> str:
+    base = _base_table(node)
+    if isinstance(node, (Subquery, CTE)):
+        return f"{'a CTE' if isinstance(node, CTE) else 'a subquery'} ({_sql(node.element)})"
+    if isinstance(base, TableClause) and base is not node:
+        return f"{base.name} (aliased)"
+    return getattr(base, "name", None) or _sql(node)
 
 
 def _flatten(element: Any, froms: _Froms, correlated: set[int]) -> None:
@@ -458,7 +468,7 @@ def _flatten(element: Any, froms: _Froms, correlated: set[int]) -> None:
 def _check_from_subquery(element: Any) -> None:
     """A subquery or CTE in FROM is exact per shard if it only filters and computes per-row values."""
     inner = element.element
-    label = f"the subquery {getattr(element, 'name', '')!s}".strip()
+    label = "a CTE" if isinstance(element, CTE) else "a subquery in FROM"
     if isinstance(inner, CompoundSelect):
         raise _refuse(
             f"gather cannot merge {label} using {_set_operation(inner)}: a set operation runs on each shard's "
@@ -524,29 +534,44 @@ def _check_select(select: Select[Any], outer: list[Any], context: str) -> list[A
     for element in all_froms:
         _flatten(element, froms, correlated)
 
+    # A table read both here and by the enclosing statement is two row sources: a column binds to
+    # this SELECT's own FROM first (as SQL resolves names), so the two get different keys.
+    local = {id(n) for n in froms.nodes}
+    outer_ids = {id(_node(o)) for o in outer}
+
+    def source(node: Any) -> tuple[str, int] | None:
+        if id(node) in local:
+            return ("here", id(node))
+        return ("outer", id(node)) if id(node) in outer_ids else None
+
     components = _Components()
-    for node in [*froms.nodes, *map(_node, outer)]:
-        components.add(node)
-    for outer_node in outer[1:]:
-        components.union(_node(outer[0]), _node(outer_node))
+    for node in froms.nodes:
+        components.add(source(node))
+    for node in outer:
+        components.add(source(_node(node)) if id(_node(node)) not in local else ("outer", id(_node(node))))
+    outer_keys = [("outer", id(_node(o))) for o in outer]
+    for key in outer_keys[1:]:
+        components.union(outer_keys[0], key)
     for condition in [*froms.conditions, *_conjuncts(select.whereclause)]:
         if isinstance(condition, BinaryExpression) and condition.operator is operators.eq:
             left, right = _shard_key(condition.left), _shard_key(condition.right)
-            if left and right and left[0] == right[0] and id(left[1]) in components.parent and id(right[1]) in components.parent:
-                components.union(left[1], right[1])
-    anchors = [_node(outer[0])] if outer else froms.nodes[:1]
-    apart = [n for n in froms.nodes if not any(components.together(n, a) for a in anchors)]
+            if left and right and left[0] == right[0]:
+                a, b = source(left[1]), source(right[1])
+                if a is not None and b is not None:
+                    components.union(a, b)
+    anchors = outer_keys[:1] if outer else [source(n) for n in froms.nodes[:1]]
+    apart = [n for n in froms.nodes if not any(components.together(source(n), a) for a in anchors)]
     if apart:
         if outer:
             raise _refuse(
                 f"gather cannot run {context} ({_sql(select)}) on each shard: it reads "
-                f"{', '.join(_sql(n) for n in apart)} without tying those rows to the outer row's shard, so "
+                f"{', '.join(_from_name(n) for n in apart)} without tying those rows to the outer row's shard, so "
                 f"it would see only the rows of the shard it runs on. Correlate it on the shard key (e.g. "
                 f"Report.location_id == WeatherLocation.id, or continent == continent), or gather it first and "
                 f"pass its values in with bindparam(..., expanding=True)"
             )
         raise _refuse(
-            f"gather cannot merge a join of {', '.join(_sql(n) for n in froms.nodes)} that is not on the shard "
+            f"gather cannot merge a join of {', '.join(_from_name(n) for n in froms.nodes)} that is not on the shard "
             f"key: matching rows may live on different shards. Join on continent, on location id "
             f"(Report.location_id == WeatherLocation.id), or gather each side and join in Python"
         )
@@ -948,7 +973,7 @@ def plan(statement: Any, dialect_name: str | Dialect) -> GatherPlan:
         aggregated = _check_expression(column, "the SELECT list") or aggregated
     for item, _, _ in order_items:
         aggregated = _check_expression(item, "ORDER BY") or aggregated
-    for key in statement._group_by_clauses:
+    for key in _group_keys(statement):
         if _check_expression(key, "GROUP BY"):
             raise _refuse(f"gather cannot merge GROUP BY on an aggregate ({_sql(key)})")
     keys = tuple(_keys(statement, dialect))
@@ -1034,6 +1059,23 @@ def _plan_rows(statement: Select[Any], columns: list[Any], order_items: list[tup
                       routing_statements=(statement,))
 
 
+def _group_keys(statement: Select[Any]) -> list[Any]:
+    """The GROUP BY expressions, one per key. SQLAlchemy stores ``group_by(func.lower(c))`` as a
+    one-element list holding a label of the function; unwrap both."""
+    keys: list[Any] = []
+    for clause in statement._group_by_clauses:
+        parts = [clause]
+        while parts:
+            part = parts.pop(0)
+            if isinstance(part, ClauseList) and not isinstance(part, BooleanClauseList):
+                parts[:0] = list(part.clauses)
+            elif isinstance(part, Label):
+                keys.append(_unlabel(part))
+            else:
+                keys.append(part)
+    return keys
+
+
 def _plan_aggregate(statement: Select[Any], columns: list[Any], order_items: list[tuple[Any, bool, bool | None]],
                     keys: tuple[str, ...], name: str, limit: int | None, offset: int | None) -> GatherPlan:
     """Aggregates: per-shard partial aggregates per group, combined in ``merge``.
@@ -1041,7 +1083,7 @@ def _plan_aggregate(statement: Select[Any], columns: list[Any], order_items: lis
     Each shard returns its group keys, then the partial aggregates; the merge
     builds one row per group (output columns, then the group keys) and sorts."""
     group_by = []
-    for key in statement._group_by_clauses:
+    for key in _group_keys(statement):
         position = _resolve_reference(key, columns, keys, "GROUP BY")
         group_by.append(_unlabel(columns[position]) if position is not None else key)
     for key in group_by:
