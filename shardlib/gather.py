@@ -279,6 +279,13 @@ def _no_nested_collate(expr: Any, where: str) -> None:
 _NESTED_SELECTS = (ScalarSelect, Exists, Select, CompoundSelect, Subquery, CTE, Alias, Lateral)
 
 
+def _is_table_like(element: Any) -> bool:
+    """A FROM element (table, alias, join), where an expression walk stops. SQL functions are
+    FromClauses too in SQLAlchemy (``SELECT * FROM generate_series(...)``), but their arguments
+    are part of the expression."""
+    return isinstance(element, FromClause) and not isinstance(element, FunctionElement)
+
+
 def _walk(expr: Any) -> Iterator[Any]:
     """Every element of ``expr`` that this statement evaluates, not descending into subqueries
     (which are yielded, not entered)."""
@@ -286,7 +293,7 @@ def _walk(expr: Any) -> Iterator[Any]:
     while stack:
         element = stack.pop()
         yield element
-        if isinstance(element, _NESTED_SELECTS) or isinstance(element, FromClause):
+        if isinstance(element, _NESTED_SELECTS) or _is_table_like(element):
             continue
         stack.extend(element.get_children())
 
@@ -422,7 +429,13 @@ class _Components:
 def _has_table(element: Any) -> bool:
     from sqlalchemy.sql import visitors
 
-    return any(isinstance(e, TableClause) and not isinstance(e, Values) for e in visitors.iterate(element))
+    for e in visitors.iterate(element):
+        if isinstance(e, TableClause) and not isinstance(e, Values):
+            return True
+        table = getattr(e, "table", None) if isinstance(e, ColumnClause) else None
+        if table is not None and table is not element and _has_table(table):  # a column names its table
+            return True
+    return False
 
 
 @dataclass
@@ -595,7 +608,7 @@ def _check_nested(expression: Any, scope: list[Any]) -> None:
             if isinstance(element.right, ScalarSelect) and _is_key_membership(element.left, element.right.element, scope):
                 continue
         if not isinstance(element, _NESTED_SELECTS):
-            if not isinstance(element, FromClause):
+            if not _is_table_like(element):
                 stack.extend(element.get_children())
             continue
         if isinstance(element, Exists):
