@@ -251,16 +251,26 @@ def _value_key(value: Any, fold: Callable[[str], str]) -> tuple[int, Any]:
 
 
 def _collation(expr: Any, where: str) -> Callable[[str], str]:
-    """How text values of ``expr`` compare: its top-level COLLATE, else its type's collation.
+    """How text values of ``expr`` compare: its top-level COLLATE (or that of the one collated
+    argument of a function), else its type's collation.
 
-    A COLLATE deeper inside an expression changes the comparison in ways that
-    differ between databases (SQLite lets it flow out of function arguments):
-    refused.
+    A COLLATE deeper inside any other expression (``x COLLATE NOCASE || 'a'``,
+    two collated arguments) follows rules that differ between databases: refused.
     """
     expr = _unlabel(expr)
     if isinstance(expr, BinaryExpression) and expr.operator is operators.collate:
         _no_nested_collate(expr.left, where)
         return _collation_fold(expr.right.collation, where)
+    if isinstance(expr, FunctionElement) and hasattr(expr.clauses, "clauses"):
+        # lower(x COLLATE "C"), max(x COLLATE NOCASE): both databases give the result the
+        # argument's explicit collation. Exactly one collated argument, at its top: that one.
+        arguments = [_unlabel(a) for a in expr.clauses.clauses]
+        collated = [a for a in arguments if isinstance(a, BinaryExpression) and a.operator is operators.collate]
+        if len(collated) == 1:
+            for argument in arguments:
+                if argument is not collated[0]:
+                    _no_nested_collate(argument, where)
+            return _collation(collated[0], where)
     _no_nested_collate(expr, where)
     return _collation_fold(getattr(getattr(expr, "type", None), "collation", None), where)
 

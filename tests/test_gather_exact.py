@@ -235,7 +235,16 @@ def test_collations_gather_cannot_reproduce_are_refused_by_name(xw, collation) -
 
 
 def test_collate_nested_inside_an_expression_is_refused(xw) -> None:
-    refused(xw, select(WL.city).order_by(func.lower(WL.city.collate(CASE_FOLD))), "COLLATE inside an expression")
+    refused(xw, select(WL.city).order_by(WL.city.collate(CASE_FOLD) + "!"), "COLLATE inside an expression")
+    refused(xw, select(WL.city).order_by(func.coalesce(WL.city.collate(CASE_FOLD), WL.continent.collate(CASE_FOLD))),
+            "COLLATE inside an expression")
+
+
+@only_sqlite
+def test_a_function_of_one_collated_argument_takes_its_collation(xw) -> None:
+    check(xw, select(WL.city, WL.id).order_by(func.trim(WL.city.collate("NOCASE")), WL.id))
+    check(xw, select(WL.continent, func.max(WL.city.collate("NOCASE")).label("m")).group_by(WL.continent)
+          .order_by(literal_column("2"), WL.continent), folds=[None, nocase])
 
 
 # ------------------------------------------------------------------ 3. ORDER BY / GROUP BY by position or name
