@@ -152,7 +152,7 @@ def test_functions_gather_cannot_classify_or_merge_are_refused_by_name(xw, colum
 
 def test_known_per_row_functions_merge_like_columns(xw) -> None:
     check(xw, select(WL.id, func.lower(WL.city), func.length(WL.city), func.abs(WL.id - 50),
-                     func.coalesce(Report.temperature, -1.0), func.round(Report.temperature / 3, 2),
+                     func.coalesce(Report.temperature, -1.0), func.round(Report.temperature / 3),
                      func.substr(WL.city, 1, 2), func.trim(WL.city))
           .outerjoin(Report).order_by(func.lower(WL.city), WL.id, Report.temperature).limit(9).offset(2))
 
