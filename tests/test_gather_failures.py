@@ -77,8 +77,8 @@ def test_one_failing_shard_cancels_the_others_and_returns_their_connections(worl
     assert error.shard == "asia" and "'asia'" in str(error) and "injected failure" in str(error)
     assert "cancelled" in str(error) and all(repr(s) in str(error) for s in slow)
     assert seen["checked_out"] == {s: 0 for s in SHARD_IDS}
-    assert t.shards() == list(SHARD_IDS)  # every shard started...
-    assert sum(finished.values()) == 0  # ...and none finished its statement: cancelled, not awaited
+    assert "asia" in t.shards()  # the others may be cancelled before or after they send their SQL...
+    assert sum(finished.values()) == 0  # ...but none finishes it: cancelled, not awaited
 
 
 def test_timeout_cancels_every_shard_and_names_those_that_had_not_answered(world) -> None:
