@@ -1224,11 +1224,19 @@ async def _run_all(engines: Mapping[str, AsyncEngine], shards: list[str], statem
 
 
 async def _cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (its connection back in its pool), even if the
+    caller is cancelled again meanwhile; then pass that cancellation on."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
+    interrupted = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def gather(

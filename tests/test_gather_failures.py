@@ -116,5 +116,25 @@ def test_a_caller_cancelling_gather_gets_every_connection_back(world) -> None:
     assert sum(finished.values()) == 0
 
 
+def test_cancelled_twice_gather_still_waits_for_every_connection(world) -> None:
+    engines = world.engines
+    seen: dict[str, Any] = {}
+
+    async def go() -> None:
+        task = asyncio.ensure_future(gather(engines, STATEMENT))
+        await asyncio.sleep(SLOW_S / 8)
+        task.cancel()  # gather cancels the shards and waits for them...
+        await asyncio.sleep(SLOW_S / 8)
+        task.cancel()  # ...and a second cancel must not cut that wait short
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen["checked_out"] = checked_out(engines)
+
+    with finished_statements(engines) as finished, injected_latency(engines, SLOW_S):
+        world.run(go())
+    assert seen["checked_out"] == {s: 0 for s in SHARD_IDS}
+    assert sum(finished.values()) == 0
+
+
 def test_no_failure_no_timeout_gives_the_answer(world) -> None:
     assert world.run(gather(world.engines, STATEMENT, timeout=60))[0][0] == 0
