@@ -542,7 +542,8 @@ def _correlated_nodes(select: Select[Any], all_froms: list[Any], outer: list[Any
     return set()
 
 
-def _check_select(select: Select[Any], outer: list[Any], context: str) -> list[Any]:
+def _check_select(select: Select[Any], outer: list[Any], context: str,
+                  final_froms: list[Any] | None = None) -> list[Any]:
     """Check the joins and nested subqueries of one SELECT; return its (sharded) FROM nodes.
 
     ``outer`` are the FROM nodes of the enclosing statements (already known to
@@ -551,7 +552,7 @@ def _check_select(select: Select[Any], outer: list[Any], context: str) -> list[A
     """
     if select._independent_ctes:
         raise _refuse("gather cannot merge CTEs added with add_cte(); select from them instead")
-    all_froms = list(select.get_final_froms())
+    all_froms = list(select.get_final_froms()) if final_froms is None else final_froms
     correlated = _correlated_nodes(select, all_froms, outer)
     froms = _Froms()
     for element in all_froms:
@@ -774,8 +775,14 @@ def _dialect(name: str) -> Dialect:
     return registry.load(name)()  # type: ignore[no-any-return]
 
 
-def _keys(statement: Any, dialect: Dialect) -> list[str]:
-    return [c[0] for c in statement.compile(dialect=dialect)._result_columns]
+def _compile(statement: Any, dialect: Dialect) -> tuple[list[str], list[Any]]:
+    """Result column names and FROM elements, from one compilation (building the ORM compile
+    state is the expensive part of both ``compile()`` and ``get_final_froms()``)."""
+    compiled = statement.compile(dialect=dialect)
+    keys = [c[0] for c in compiled._result_columns]
+    state = getattr(compiled, "compile_state", None)
+    froms = state._get_display_froms() if hasattr(state, "_get_display_froms") else statement.get_final_froms()
+    return keys, list(froms)
 
 
 # ===================================================================== merging
@@ -999,12 +1006,13 @@ def plan(statement: Any, dialect_name: str | Dialect) -> GatherPlan:
     for key in _group_keys(statement):
         if _check_expression(key, "GROUP BY"):
             raise _refuse(f"gather cannot merge GROUP BY on an aggregate ({_sql(key)})")
-    keys = tuple(_keys(statement, dialect))
+    names, final_froms = _compile(statement, dialect)
+    keys = tuple(names)
 
-    if not statement.get_final_froms():
+    if not final_froms:
         return _plan_without_from(statement, columns, keys, name, aggregated)
 
-    _check_select(statement, outer=[], context="the statement")
+    _check_select(statement, outer=[], context="the statement", final_froms=final_froms)
     limit, offset = _int_clause(statement, "_limit"), _int_clause(statement, "_offset")
     if aggregated:
         return _plan_aggregate(statement, columns, order_items, keys, name, limit, offset)
