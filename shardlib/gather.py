@@ -69,17 +69,35 @@ What is merged exactly
 
 What is refused (:class:`GatherRefused`, a ``NotImplementedError``)
 ------------------------------------------------------------------
-Each refusal names the construct and an alternative: window functions,
-``HAVING``, ``count(DISTINCT x)``, ``DISTINCT ON``, ``FILTER``/``WITHIN
-GROUP``, an aggregate inside an expression, a column that is neither grouped
-nor aggregated, aggregates gather cannot combine (``group_concat``,
-``string_agg``, ``array_agg``, ``json_group_array``, ...), *any function not
-on either list*, a collation it cannot reproduce, a ``COLLATE`` nested inside
-an expression, ``ORDER BY``/``GROUP BY`` positions out of range or names that
-are not selected columns, ``UNION``/``INTERSECT``/``EXCEPT``, subqueries and
-CTEs that aggregate, ``LIMIT``, de-duplicate or use set operations,
-uncorrelated subqueries in WHERE or the SELECT list, joins that are not on the
-shard key, and ``LIMIT``/``OFFSET`` given as expressions.
+Each refusal names the construct and an alternative, before any SQL runs:
+
+* window functions, ``HAVING``, ``count(DISTINCT x)``, ``DISTINCT ON``,
+  ``FILTER``/``WITHIN GROUP``, ``FETCH FIRST``, ``LIMIT``/``OFFSET`` given as
+  expressions;
+* an aggregate inside an expression (``count() + 1``), an aggregate of an
+  aggregate, ``GROUP BY`` an aggregate, a column that is neither grouped nor
+  aggregated, ``ORDER BY`` an expression that is neither selected nor a group
+  key (aggregate queries), ``DISTINCT`` ordered by an unselected expression;
+* aggregates gather cannot combine (:data:`UNMERGEABLE_AGGREGATES`:
+  ``group_concat``, ``string_agg``, ``array_agg``, ``json_group_array``,
+  ``median``, ...) and *any function on neither list* (it might be an
+  aggregate: gather does not guess);
+* a collation it cannot reproduce (``de_DE``, ICU collations, ...), a
+  ``COLLATE`` nested inside an expression other than the one argument of a
+  function;
+* ``ORDER BY``/``GROUP BY`` positions out of range, and text that is not a
+  position or the name of exactly one selected column (``text("city DESC")``);
+* ``UNION``/``INTERSECT``/``EXCEPT``, at the top or in a subquery;
+* subqueries and CTEs in FROM that aggregate, group, ``LIMIT``/``OFFSET``,
+  de-duplicate or use set operations; recursive CTEs, ``LATERAL``,
+  ``add_cte()``, table-valued functions over tables;
+* subqueries in WHERE, ON, ORDER BY or the SELECT list that are not tied to
+  the outer row on the shard key (``WHERE id = (SELECT max(id) ...)``,
+  ``city IN (SELECT city FROM ... other continent)``);
+* joins that are not on the shard key (``a.city = b.city``, a cross join);
+* a statement without FROM that reads tables other than through
+  ``EXISTS``/``NOT EXISTS`` columns, and an ``EXISTS`` whose subquery groups
+  or skips rows (``OFFSET``).
 
 Failures: when one shard fails, :func:`gather` cancels the others, waits until
 their connections are back in their pools and raises :class:`ShardFailed`
@@ -123,7 +141,6 @@ from sqlalchemy.sql.elements import (
     _textual_label_reference,
 )
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import (
     CTE,
     Alias,

@@ -12,7 +12,6 @@ SQLite's NOCASE does *not* fold), spread over different shards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
