@@ -96,8 +96,8 @@ Each refusal names the construct and an alternative, before any SQL runs:
   ``city IN (SELECT city FROM ... other continent)``);
 * joins that are not on the shard key (``a.city = b.city``, a cross join);
 * a statement without FROM that reads tables other than through
-  ``EXISTS``/``NOT EXISTS`` columns, and an ``EXISTS`` whose subquery groups
-  or skips rows (``OFFSET``).
+  ``EXISTS``/``NOT EXISTS`` columns, and such an ``EXISTS`` whose subquery
+  aggregates, groups, de-duplicates or skips rows (``OFFSET``).
 
 Failures: when one shard fails, :func:`gather` cancels the others, waits until
 their connections are back in their pools and raises :class:`ShardFailed`
