@@ -395,6 +395,13 @@ def test_group_by_expressions(xw) -> None:
     refused(xw, select(WL.city, func.count()).group_by(lower), "neither in GROUP BY nor an aggregate")
 
 
+def test_gather_runs_sql_only_on_the_shards_that_can_hold_rows(xw) -> None:
+    check(xw, select(func.count(), func.max(WL.city.collate(CASE_FOLD))).select_from(WL)
+          .where(WL.continent.in_(["Europe", "Asia"])), folds=[None, nocase], shards=["asia", "europe"])
+    check(xw, select(WL.city, WL.id).where(WL.continent == "South America").order_by(literal_column("1"), WL.id)
+          .limit(2), shards=["south_america"])
+
+
 # ------------------------------------------------------------------ 8. plan() is pure
 
 

@@ -33,6 +33,8 @@ class Case:
     statement: Any = None
     refusal: set[str] = field(default_factory=set)  # any of these in the message; empty: must merge
     folds: list[Any] = field(default_factory=list)
+    plain_table: bool = False  # FROM the tables themselves (not a subquery)
+    continents: list[str] | None = None  # WHERE continent IN (...): the shards that may run SQL
 
 
 @st.composite
@@ -44,6 +46,7 @@ def sources(draw, case: Case):
         if kind == "cross":
             case.refusal.add("not on the shard key")
             return cols, lambda s: s.select_from(WL).outerjoin(Report).join(W2, W2.city == WL.city)
+        case.plain_table = True
         return cols, lambda s: s.select_from(WL).outerjoin(Report)
     inner = select(WL.id, WL.continent, WL.city).where(WL.id > draw(st.integers(0, 60)))
     if kind == "bad_subquery":
@@ -66,7 +69,8 @@ def sources(draw, case: Case):
 def wheres(draw, case: Case, cols: dict[str, Any]):
     kind = draw(st.sampled_from(["none"] * 4 + ["continent", "continent", "hot", "key_in", "uncorrelated", "city_in"]))
     if kind == "continent":
-        return cols["continent"].in_(draw(st.lists(st.sampled_from(shardlib.CONTINENTS), max_size=3)))
+        case.continents = draw(st.lists(st.sampled_from(shardlib.CONTINENTS), max_size=3))
+        return cols["continent"].in_(case.continents)
     if kind == "hot":
         R = aliased(Report)
         return exists().where(R.location_id == cols["id"], R.temperature > draw(st.integers(0, 10)))
@@ -231,6 +235,9 @@ def run_case(xw, case: Case) -> None:  # noqa: F811
         f"\n got  {normalize(got, case.folds)}\n want {normalize(expected, case.folds)}\n sql  {case.statement}"
     )
     assert list(got[0]._fields if got else []) == list(expected[0]._fields if expected else [])
+    if case.plain_table and case.continents is not None:  # the shards that ran SQL: only those of the continents
+        wanted = [s for s in shardlib.SHARD_IDS if s in {shardlib.SHARD_FOR_CONTINENT[c] for c in case.continents}]
+        assert t.shards() == wanted if wanted else len(t.shards()) <= 1, (t.shards(), case.continents)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
