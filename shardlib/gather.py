@@ -588,11 +588,10 @@ def _check_select(select: Select[Any], outer: list[Any], context: str,
     components = _Components()
     for node in froms.nodes:
         components.add(source(node))
-    for node in outer:
-        components.add(source(_node(node)) if id(_node(node)) not in local else ("outer", id(_node(node))))
     outer_keys = [("outer", id(_node(o))) for o in outer]
-    for key in outer_keys[1:]:
-        components.union(outer_keys[0], key)
+    for key in outer_keys:
+        components.add(key)
+        components.union(outer_keys[0], key)  # the enclosing rows already live together
     for condition in [*froms.conditions, *_conjuncts(select.whereclause)]:
         if isinstance(condition, BinaryExpression) and condition.operator is operators.eq:
             left, right = _shard_key(condition.left), _shard_key(condition.right)
