@@ -409,6 +409,8 @@ def test_no_from_runs_once(both) -> None:
         (select(a.city, b.city).join(b, a.city == b.city).where(a.continent == "Asia"), "without a condition"),
         (select(WL).where(WL.id.in_(select(Report.location_id).order_by(Report.temperature).limit(2))), "without a condition"),
         (text("SELECT city FROM weather_locations"), "TextClause"),
+        (select(select(WL.city).distinct().subquery().c.city), "de-duplicates"),
+        (select(func.count()).select_from(select(WL.city).distinct().subquery()), "de-duplicates"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(str(v).split())[:60],
 )
