@@ -261,6 +261,7 @@ def union_statements(draw):
     """UNION / UNION ALL of row-wise parts (merged), now and then a part that must be refused."""
     case = Case()
     parts, collations = [], []
+    explicit = draw(st.sampled_from(sorted(COLLATIONS)))  # one per statement: PostgreSQL refuses two
     for _ in range(draw(st.integers(2, 3))):
         collation = None
         kind = draw(st.sampled_from(["cities", "cities", "lower_hot", "continents", "collated", "count", "no_table"]))
@@ -274,7 +275,7 @@ def union_statements(draw):
         elif kind == "continents":
             part = select(WL.continent)
         elif kind == "collated":
-            collation = draw(st.sampled_from(sorted(COLLATIONS)))
+            collation = explicit
             part = select(WL.city.collate(collation))
         elif kind == "count":
             part = select(func.count()).select_from(WL)
