@@ -418,6 +418,17 @@ def test_union_and_union_all(xw) -> None:
     check(xw, select(WL.city).union(select(WL.continent)).order_by("city").limit(4))
 
 
+@only_sqlite
+def test_union_compares_by_the_left_most_part_that_has_a_collation(xw) -> None:
+    # lower(city) has no collation, so the NOCASE of the second part decides: 'tokyo' = 'TOKYO'
+    got = check(xw, union(select(func.lower(WL.city)), select(WL.city.collate("NOCASE"))), folds=[nocase],
+                ordered=False)
+    assert sorted(nocase(r[0]) for r in got).count("tokyo") == 1
+    # a table column has one (BINARY): 'Tokyo', 'tokyo' and 'TOKYO' stay apart
+    got = check(xw, union(select(WL.continent), select(WL.city.collate("NOCASE"))).order_by(literal_column("1")))
+    assert [r[0] for r in got].count("tokyo") + [r[0] for r in got].count("Tokyo") == 2
+
+
 @pytest.mark.parametrize(
     ("statement", "words"),
     [
