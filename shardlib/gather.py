@@ -57,6 +57,9 @@ What is merged exactly
   (``en_US.UTF-8``) write ``column.collate("C")``.
 * Statements with no table at all (``select(literal(1))``,
   ``select(func.now())``) run once, on one shard.
+* ``UNION ALL`` (every shard's rows) and ``UNION`` (de-duplicated) of
+  row-wise SELECTs over sharded tables, with ``ORDER BY`` selected columns
+  and ``LIMIT``/``OFFSET``.
 * ``select(exists().where(...))``: true if any shard says true;
   ``select(~exists()...)``: true if every shard says true.
 * Joins and subqueries whose rows live together on one shard: tables joined
@@ -87,7 +90,8 @@ Each refusal names the construct and an alternative, before any SQL runs:
   function;
 * ``ORDER BY``/``GROUP BY`` positions out of range, and text that is not a
   position or the name of exactly one selected column (``text("city DESC")``);
-* ``UNION``/``INTERSECT``/``EXCEPT``, at the top or in a subquery;
+* ``INTERSECT``/``EXCEPT``; a ``UNION`` nested in a subquery, or whose
+  parts aggregate, group, de-duplicate, slice or read no table;
 * subqueries and CTEs in FROM that aggregate, group, ``LIMIT``/``OFFSET``,
   de-duplicate or use set operations; recursive CTEs, ``LATERAL``,
   ``add_cte()``, table-valued functions over tables;
@@ -268,8 +272,13 @@ def _value_key(value: Any, fold: Callable[[str], str]) -> tuple[int, Any]:
 
 
 def _collation(expr: Any, where: str) -> Callable[[str], str]:
-    """How text values of ``expr`` compare: its top-level COLLATE (or that of the one collated
-    argument of a function), else its type's collation.
+    """How text values of ``expr`` compare (see :func:`_collation_name`)."""
+    return _collation_fold(_collation_name(expr, where), where)
+
+
+def _collation_name(expr: Any, where: str) -> str | None:
+    """The collation of ``expr``: its top-level COLLATE (or that of the one collated argument of
+    a function), else its type's collation, else None (the default: code-point order).
 
     A COLLATE deeper inside any other expression (``x COLLATE NOCASE || 'a'``,
     two collated arguments) follows rules that differ between databases: refused.
@@ -277,7 +286,7 @@ def _collation(expr: Any, where: str) -> Callable[[str], str]:
     expr = _unlabel(expr)
     if isinstance(expr, BinaryExpression) and expr.operator is operators.collate:
         _no_nested_collate(expr.left, where)
-        return _collation_fold(expr.right.collation, where)
+        return str(expr.right.collation)
     if isinstance(expr, FunctionElement) and hasattr(expr.clauses, "clauses"):
         # lower(x COLLATE "C"), max(x COLLATE NOCASE): both databases give the result the
         # argument's explicit collation. Exactly one collated argument, at its top: that one.
@@ -287,9 +296,9 @@ def _collation(expr: Any, where: str) -> Callable[[str], str]:
             for argument in arguments:
                 if argument is not collated[0]:
                     _no_nested_collate(argument, where)
-            return _collation(collated[0], where)
+            return _collation_name(collated[0], where)
     _no_nested_collate(expr, where)
-    return _collation_fold(getattr(getattr(expr, "type", None), "collation", None), where)
+    return getattr(getattr(expr, "type", None), "collation", None)
 
 
 def _no_nested_collate(expr: Any, where: str) -> None:
@@ -797,7 +806,10 @@ def _compile(statement: Any, dialect: Dialect) -> tuple[list[str], list[Any]]:
     compiled = statement.compile(dialect=dialect)
     keys = [c[0] for c in compiled._result_columns]
     state = getattr(compiled, "compile_state", None)
-    froms = state._get_display_froms() if hasattr(state, "_get_display_froms") else statement.get_final_froms()
+    if hasattr(state, "_get_display_froms"):
+        froms = state._get_display_froms()
+    else:  # a compound select has no FROM list of its own
+        froms = statement.get_final_froms() if isinstance(statement, Select) else []
     return keys, list(froms)
 
 
@@ -999,10 +1011,7 @@ def plan(statement: Any, dialect_name: str | Dialect) -> GatherPlan:
     dialect = dialect_name if isinstance(dialect_name, Dialect) else _dialect(dialect_name)
     name = dialect.name
     if isinstance(statement, CompoundSelect):
-        raise _refuse(
-            f"gather cannot merge UNION / INTERSECT / EXCEPT ({_set_operation(statement)}); gather each "
-            f"part and combine them in Python"
-        )
+        return _plan_compound(statement, dialect)
     if not isinstance(statement, Select):
         raise TypeError(f"gather takes a select(), got {type(statement).__name__}")
     if statement._having_criteria:
@@ -1033,6 +1042,66 @@ def plan(statement: Any, dialect_name: str | Dialect) -> GatherPlan:
     if aggregated:
         return _plan_aggregate(statement, columns, order_items, keys, name, limit, offset)
     return _plan_rows(statement, columns, order_items, keys, name, limit, offset)
+
+
+def _part_collation(expr: Any, where: str) -> str | None:
+    bare = _unlabel(expr)
+    if isinstance(bare, ColumnClause) and not bare.is_literal and bare.table is not None:
+        return getattr(bare.type, "collation", None) or "BINARY"
+    return _collation_name(expr, where)
+
+
+def _plan_compound(statement: CompoundSelect, dialect: Dialect) -> GatherPlan:
+    """``UNION ALL``: every shard's rows; ``UNION``: the same, de-duplicated. Each part must be a
+    plain row-wise SELECT over sharded tables, so that a shard's part holds exactly its own rows."""
+    operation = _set_operation(statement)
+    if operation not in ("UNION", "UNION ALL"):
+        raise _refuse(
+            f"gather cannot merge {operation}: a row of one part and the matching row of the other may live "
+            f"on different shards; gather each part and combine them in Python"
+        )
+    for part in statement.selects:
+        if not isinstance(part, Select):
+            raise _refuse(f"gather cannot merge a nested {operation} ({_sql(part)}); gather each part")
+        reasons = _not_row_wise(part)
+        for column in part.selected_columns:
+            _check_expression(column, f"a part of the {operation}")
+        if reasons:
+            raise _refuse(
+                f"gather cannot merge the {operation} part {_sql(part)}: it {' and '.join(reasons)} on each "
+                f"shard's rows separately; gather that part on its own"
+            )
+        if not _has_table(part):
+            raise _refuse(
+                f"gather cannot merge the {operation} part {_sql(part)}: it reads no table, so every shard "
+                f"would return it; add its rows in Python"
+            )
+        _check_select(part, outer=[], context=f"a part of the {operation}")
+    names, _ = _compile(statement, dialect)
+    keys, columns = tuple(names), list(statement.selected_columns)
+    # A compound's column compares by the collation of the left-most part that has one (SQLite's
+    # rule; PostgreSQL refuses conflicting explicit collations). A table column always has one
+    # (BINARY unless declared); an expression only through an explicit COLLATE.
+    folds = []
+    for i in range(len(columns)):
+        named = [_part_collation(list(p.selected_columns)[i], operation) for p in statement.selects]
+        folds.append(_collation_fold(next((n for n in named if n is not None), None), operation))
+    order = []
+    for expr, descending, nulls in _order_items(statement):  # type: ignore[arg-type]
+        position = _resolve_reference(expr, columns, keys, "ORDER BY")
+        if position is None:
+            position = _find(expr, columns)
+        if position is None:
+            raise _refuse(f"gather cannot merge a {operation} ordered by {_sql(expr)}; order by a selected column")
+        explicit = _unlabel(expr) is not _uncollated(expr)
+        fold = _collation(expr, "ORDER BY") if explicit else folds[position]
+        order.append(OrderKey(position, descending, _nulls_first(dialect.name, descending, nulls), fold))
+    limit, offset = _int_clause(statement, "_limit"), _int_clause(statement, "_offset")  # type: ignore[arg-type]
+    per_shard = statement.limit(limit + (offset or 0)) if limit is not None else statement
+    per_shard = per_shard.offset(None)
+    distinct = tuple(folds) if operation == "UNION" else None
+    return GatherPlan("rows", per_shard, keys, dialect.name, len(columns), tuple(order), limit, offset, distinct,
+                      routing_statements=(statement,))
 
 
 def _plan_without_from(statement: Select[Any], columns: list[Any], keys: tuple[str, ...], name: str,

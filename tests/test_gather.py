@@ -149,7 +149,7 @@ def test_concatenation_is_wrong_where_gather_is_right(gw) -> None:
         (select(func.count(distinct(WL.city))), "DISTINCT"),
         (select(func.count() + 1).select_from(WL), "inside an expression"),
         (select(WL.city, func.count()).select_from(WL), "neither in GROUP BY"),
-        (select(WL.city).union(select(WL.continent)), "UNION"),
+        (select(WL.city).intersect(select(WL.continent)), "INTERSECT"),
         (select(WL.city).distinct().order_by(WL.id), "not selected"),
     ],
 )

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import exists, func, literal, literal_column, select, text, union
+from sqlalchemy import exists, func, literal, literal_column, select, text, union, union_all
 from sqlalchemy.orm import aliased
 
 import shardlib
@@ -398,6 +398,50 @@ def test_gather_runs_sql_only_on_the_shards_that_can_hold_rows(xw) -> None:
           .where(WL.continent.in_(["Europe", "Asia"])), folds=[None, nocase], shards=["asia", "europe"])
     check(xw, select(WL.city, WL.id).where(WL.continent == "South America").order_by(literal_column("1"), WL.id)
           .limit(2), shards=["south_america"])
+
+
+# ------------------------------------------------------------------ UNION / UNION ALL
+
+
+def test_union_and_union_all(xw) -> None:
+    asia = select(WL.city.label("name")).where(WL.continent == "Asia")
+    north = select(WL.city).where(WL.continent == "North America")
+    reports = select(func.lower(WL.city)).join(Report).where(Report.temperature > 5)
+    # 'apple' and 'Zed' are in Asia and North America: one copy each after UNION
+    check(xw, union(asia, north).order_by(literal_column("1")), shards=["north_america", "asia"])
+    check(xw, asia.union_all(north).order_by(text("name")), shards=["north_america", "asia"])
+    check(xw, union(select(WL.city), reports).order_by(literal_column("1").desc())
+          .limit(5).offset(2))
+    check(xw, union_all(select(WL.continent), select(WL.city)), ordered=False)
+    check(xw, select(WL.city).union(select(WL.continent)).order_by("city").limit(4))
+
+
+@only_sqlite
+def test_union_compares_by_the_left_most_part_that_has_a_collation(xw) -> None:
+    # lower(city) has no collation, so the NOCASE of the second part decides: 'tokyo' = 'TOKYO'
+    got = check(xw, union(select(func.lower(WL.city)), select(WL.city.collate("NOCASE"))), folds=[nocase],
+                ordered=False)
+    assert sorted(nocase(r[0]) for r in got).count("tokyo") == 1
+    # a table column has one (BINARY): 'Tokyo', 'tokyo' and 'TOKYO' stay apart
+    got = check(xw, union(select(WL.continent), select(WL.city.collate("NOCASE"))).order_by(literal_column("1")))
+    assert [r[0] for r in got].count("tokyo") + [r[0] for r in got].count("Tokyo") == 2
+
+
+@pytest.mark.parametrize(
+    ("statement", "words"),
+    [
+        (select(WL.city).intersect(select(WL.continent)), ["INTERSECT"]),
+        (select(WL.city).except_(select(WL.continent)), ["EXCEPT"]),
+        (union(select(WL.city).distinct(), select(WL.continent)), ["DISTINCT"]),
+        (union_all(select(func.count()).select_from(WL), select(func.count()).select_from(Report)), ["aggregates"]),
+        (union_all(select(WL.city), select(literal("Atlantis"))), ["reads no table"]),
+        (union(select(WL.city), select(W2.city).join(WL, WL.city == W2.city)), ["not on the shard key"]),
+        (union(select(WL.city), select(WL.continent)).order_by(func.lower(WL.city)), ["ordered by"]),
+    ],
+    ids=["intersect", "except", "distinct-part", "aggregate-parts", "no-table", "cross-join", "order"],
+)
+def test_set_operations_that_cannot_be_merged_are_refused(xw, statement, words) -> None:
+    refused(xw, statement, *words)
 
 
 # ------------------------------------------------------------------ 8. plan() is pure
