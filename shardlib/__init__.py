@@ -29,7 +29,7 @@ layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 from __future__ import annotations
 
 from .bulk import bulk_insert
-from .gather import gather
+from .gather import GatherPlan, GatherRefused, ShardFailed, gather, plan
 from .display import ShardTables, Trace, WrappedFrame, routing_frame, shard_frames, shard_rows, show_shards, trace, wrapped
 from .execution import CONCATENATE, CrossShardRefused
 from .exercises import check_answer, is_unanswered, shard_list
@@ -53,6 +53,7 @@ __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
     "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace",
     "WeatherLocation", "WrappedFrame",
+    "GatherPlan", "GatherRefused", "ShardFailed", "plan",
     "bulk_insert", "check_answer", "check_engines", "is_unanswered", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
     "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",

@@ -461,7 +461,7 @@ def _has_entities(statement: Select[Any]) -> bool:
                for d in statement.column_descriptions)
 
 
-def _gathered(orm_context: ORMExecuteState, statement: Select[Any], shards: list[str], problem: str) -> Result[Any]:
+def _gathered(orm_context: ORMExecuteState, statement: Any, shards: list[str], problem: str) -> Result[Any]:
     """Aggregates, GROUP BY, ... over columns: merged exactly as :func:`shardlib.gather` merges,
     each shard read inside this session's own transaction (it sees the session's writes)."""
     from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
@@ -497,6 +497,9 @@ def _distinct(rows: list[Any]) -> list[Any]:
 
 def _compound(orm_context: ORMExecuteState, statement: CompoundSelect, shards: list[str]) -> Result[Any]:
     keyword = statement.keyword.name if hasattr(statement.keyword, "name") else str(statement.keyword)
+    if not any(_has_entities(part) for part in statement.selects if isinstance(part, Select)):
+        # columns: gather's plan merges UNION / UNION ALL exactly (collations, ORDER BY, LIMIT)
+        return _gathered(orm_context, statement, shards, keyword.replace("_", " "))
     if keyword not in ("UNION", "UNION_ALL"):
         raise _refuse(keyword.replace("_", " "), shards)
     if statement._order_by_clauses or statement._limit_clause is not None or statement._offset_clause is not None:
