@@ -650,22 +650,6 @@ def _conjuncts(expr: Any) -> list[Any]:
     return [expr]
 
 
-class _Groups:
-    """Union-find over row sources: two sources in one group always meet on one shard."""
-
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
-
-    def find(self, item: Any) -> Any:
-        self.parent.setdefault(item, item)
-        while self.parent[item] != item:
-            item = self.parent[item]
-        return item
-
-    def union(self, a: Any, b: Any) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
 def _froms(select: Select[Any]) -> list[FromClause]:
     try:
         return list(select.get_final_froms())
@@ -688,155 +672,31 @@ def _nested_selects(element: Any) -> list[Select[Any]]:
     return found
 
 
-class _Scopes:
-    """Sources per SELECT scope; a correlated table is the enclosing scope's source."""
-
-    def __init__(self) -> None:
-        self.groups = _Groups()
-        self.sources: list[Any] = []
-        self.problem: str | None = None
-        self.by_select: dict[int, dict[Any, Any]] = {}
-
-    def visit(self, select: Select[Any], outer: dict[Any, Any]) -> None:
-        local: dict[Any, Any] = {}
-        links: list[Any] = []
-        explicit = {canonical(c) for c in (select._correlate or ())}
-        for element in _froms(select):
-            self._from(select, element, outer, explicit, local, links)
-        links.extend(_conjuncts(select.whereclause))
-        scope = {**outer, **local}
-        self.by_select[id(select)] = scope
-        nested: list[Select[Any]] = []
-        for part in list(select.selected_columns) + [select.whereclause, *select._having_criteria]:
-            if part is not None:
-                nested.extend([part] if isinstance(part, Select) else _nested_selects(part))
-        for inner in nested:
-            self.visit(inner, scope)
-        for link in links:
-            self._link(link, scope)
-
-    def _from(self, select: Any, element: Any, outer: dict[Any, Any], explicit: set[Any],
-              local: dict[Any, Any], links: list[Any]) -> None:
-        element = canonical(element)
-        if isinstance(element, Join):
-            self._from(select, element.left, outer, explicit, local, links)
-            self._from(select, element.right, outer, explicit, local, links)
-            links.extend(_conjuncts(element.onclause))
-        elif isinstance(element, (Subquery, CTE)):
-            inner = element.element
-            if _reads_sharded(element):
-                if not isinstance(inner, Select):
-                    self.problem = self.problem or (
-                        f"a set operation inside the subquery {element.name!r} (each shard would "
-                        f"combine only its own rows)")
-                    return
-                from .gather import _not_row_wise  # the same test gather applies
-
-                reasons = _not_row_wise(inner)
-                if reasons:
-                    self.problem = self.problem or (
-                        f"the subquery {element.name!r} {' and '.join(reasons)}, which each shard "
-                        f"would do over its own rows only")
-            if isinstance(inner, Select):
-                self.visit(inner, {})
-        elif _is_sharded_from(element):
-            correlated = element in outer and (
-                element in explicit or (select._auto_correlate and not explicit))
-            if correlated:
-                local[element] = outer[element]
-            else:
-                key = (id(select), element)
-                local[element] = key
-                self.sources.append(key)
-                self.groups.find(key)
-
-    def resolve(self, expr: Any, scope: dict[Any, Any]) -> tuple[str, Any] | None:
-        """(role, source) of a key column as read in ``scope``, through subquery columns."""
-        while isinstance(expr, Grouping):
-            expr = expr.element
-        hops = 0
-        while isinstance(expr, ColumnClause) and isinstance(expr.table, (Subquery, CTE)) and hops < 20:
-            inner = expr.table.element
-            proxies = getattr(expr, "_proxies", None)
-            if not proxies or not isinstance(inner, Select):
-                return None
-            scope = self.by_select.get(id(inner), {})
-            expr, hops = proxies[0], hops + 1
-        role = column_role(expr)
-        if role is None:
-            return None
-        source = scope.get(canonical(expr.table))
-        return None if source is None else (role, source)
-
-    def _link(self, condition: Any, scope: dict[Any, Any]) -> None:
-        while isinstance(condition, Grouping):
-            condition = condition.element
-        if not isinstance(condition, BinaryExpression):
-            return
-        if condition.operator is operators.eq:
-            left, right = self.resolve(condition.left, scope), self.resolve(condition.right, scope)
-        elif condition.operator is operators.in_op:
-            left, right = self.resolve(condition.left, scope), None
-            inner = condition.right
-            while isinstance(inner, (Grouping, ScalarSelect)):
-                inner = inner.element
-            if (left and isinstance(inner, Select) and len(inner.selected_columns) == 1
-                    and inner._limit_clause is None and inner._offset_clause is None):
-                right = self.resolve(list(inner.selected_columns)[0], self.by_select.get(id(inner), {}))
-        else:
-            return
-        if left and right and left[0] == right[0]:
-            self.groups.union(left[1], right[1])
-
-
 def locality_problem(statement: Any) -> str | None:
     """Why this statement cannot be answered shard by shard, or ``None`` if it can.
 
     Every FROM element reading a sharded table, at any depth, must be tied to
-    the others by equalities that keep rows together (``a.continent =
-    b.continent``, ``location.id = report.location_id``, ``x.location_id IN
-    (SELECT location_id ...)``, a subquery correlated that way) in an ON clause
-    or an AND-ed WHERE condition. A subquery in FROM that limits
-    (``LIMIT``/``OFFSET``) or holds a set operation is refused too: four shards
-    would each keep their own first rows.
+    the others by equalities on the shard key (``a.continent = b.continent``,
+    ``location.id = report.location_id``, ``x.location_id IN (SELECT
+    location_id ...)``, a subquery correlated that way); a subquery in FROM
+    must work row by row (no GROUP BY, DISTINCT, aggregate or LIMIT). The
+    check itself is the one :func:`shardlib.gather.plan` applies
+    (``gather.check_locality``): one rule for the session and for gather.
+    A plain single-table statement needs none of it (the fast path below).
     """
-    simple = _single_source(statement)
-    if simple is not None:
+    if _single_source(statement) is not None:
         return None  # one FROM element, no subquery: nothing to keep together
-    scopes = _Scopes()
-    parts = statement.selects if isinstance(statement, CompoundSelect) else [statement]
-    for part in parts:
-        if isinstance(part, CompoundSelect):
-            problem = locality_problem(part)
-            if problem:
-                return problem
-        elif isinstance(part, Select):
-            scopes.visit(part, {})
-        else:
-            return None
-        if scopes.problem:
-            return scopes.problem
-        roots = {scopes.groups.find(s) for s in scopes.sources}
-        if len(roots) > 1:
-            names = sorted({_describe_source(s[1]) for s in scopes.sources})
-            return (
-                f"rows of {' and '.join(names)} are combined without a condition that keeps them "
-                f"on one shard (an equality on continent or on the location id, in an ON clause or "
-                f"an AND-ed WHERE condition, or a subquery correlated that way); each shard would "
-                f"only see its own rows"
-            )
-        scopes = _Scopes()
+    from .gather import GatherRefused, check_locality
+
+    try:
+        check_locality(statement)
+    except GatherRefused as refused:
+        return str(refused).replace("gather cannot", "cannot", 1)
     return None
 
 
 def _reads_sharded(element: Any) -> bool:
     return any(_is_sharded_from(canonical(e)) for e in _visitors.iterate(element) if isinstance(e, FromClause))
-
-
-def _describe_source(source: Any) -> str:
-    if isinstance(source, Alias):
-        return f"{source.element.name} AS {source.name}" if not source.name.startswith("%") else f"an alias of {source.element.name}"
-    return str(source.name)
 
 
 def is_exists_only(statement: Any) -> bool:

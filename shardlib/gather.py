@@ -660,6 +660,20 @@ def _check_nested(expression: Any, scope: list[Any]) -> None:
             _check_select(element, scope, "the subquery")
 
 
+def check_locality(statement: Any) -> None:
+    """Raise :class:`GatherRefused` unless every shard can answer ``statement`` for its own rows.
+
+    The co-location rule above, for a SELECT or each part of a set operation;
+    the sharded session applies it too (:func:`shardlib.analysis.locality_problem`).
+    """
+    parts = statement.selects if isinstance(statement, CompoundSelect) else [statement]
+    for part in parts:
+        if isinstance(part, CompoundSelect):
+            check_locality(part)
+        elif isinstance(part, Select):
+            _check_select(part, outer=[], context="the statement")
+
+
 def _is_key_membership(left: Any, inner: Any, scope: list[Any]) -> bool:
     """``outer.key IN (SELECT key FROM ... WHERE ...)``: each outer row can only match rows of its own shard."""
     outer_key = _shard_key(left)
