@@ -22,7 +22,9 @@ Quick tour::
 Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
 layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
-:mod:`~shardlib.session`, :mod:`~shardlib.display` and
+:mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
+shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
+:mod:`~shardlib.display` and
 :mod:`~shardlib.upstream` (the seed's choosers, for comparison).
 """
 
@@ -33,6 +35,8 @@ from .gather import gather
 from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows, show_shards, trace
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
+from .backfill import backfill
+from .schema import SchemaDriftError
 from .models import Base, Report, WeatherLocation, id_counter
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -47,11 +51,26 @@ from .shards import (
     shard_for_id,
 )
 
+_MIGRATIONS = ("MigrationError", "alembic_command", "downgrade", "migrate", "revisions")
+
+
+def __getattr__(name: str) -> object:
+    """``shardlib.migrate`` & co. come from :mod:`shardlib.migrations`, imported on
+    first use so that ``python -m shardlib.migrations`` runs it only once."""
+    if name in _MIGRATIONS:
+        from . import migrations
+
+        return getattr(migrations, name)
+    raise AttributeError(f"module 'shardlib' has no attribute {name!r}")
+
+
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
-    "bulk_insert", "check_engines", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
-    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
+    "Base", "IdAllocator", "MigrationError", "Report", "SchemaDriftError", "ShardTables",
+    "ShardlibSession", "Trace", "WeatherLocation",
+    "alembic_command", "backfill", "bulk_insert", "check_engines", "dispose", "downgrade",
+    "execute_chooser", "gather", "id_counter", "identity_chooser", "make_engines", "make_id",
+    "make_sessionmaker", "migrate", "move_location", "parse_urls", "reset", "revisions",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
     "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
 ]

@@ -35,7 +35,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import routing, upstream
+from . import routing, schema, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -190,7 +190,9 @@ def make_sessionmaker(
     execute choosers (every ``get()`` and every SELECT visits all four shards)
     so the notebooks can compare; ids and validation stay shardlib's.
     ``shard_chooser=``, ``identity_chooser=`` or ``execute_chooser=`` replace
-    one chooser (to experiment with your own). Other keyword arguments go to
+    one chooser (to experiment with your own). ``check_schema=False`` opens
+    sessions even on shards whose schema revisions differ from the code's
+    (:mod:`shardlib.schema`). Other keyword arguments go to
     ``async_sessionmaker`` (e.g. ``twophase=True``).
     """
     check_engines(engines)
@@ -212,6 +214,8 @@ def make_sessionmaker(
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    if kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
+        info[schema.GUARD_KEY] = schema.guard(engines)
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
