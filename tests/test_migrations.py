@@ -263,6 +263,13 @@ def test_a_session_refuses_shards_at_different_revisions(world, shard) -> None:
     world.run(_write_one(world.Session))
 
 
+def test_shards_that_agree_but_lack_the_schema_head_are_refused_too(world) -> None:
+    world.run(shardlib.alembic_command(world.engines, "stamp", "base"))
+    with pytest.raises(SchemaDriftError, match="north_america=\\(none\\); asia=\\(none\\); europe=\\(none\\); "
+                                               "south_america=\\(none\\)"):
+        world.run(_write_one(world.Session))
+
+
 def test_drift_made_behind_shardlibs_back_is_seen_by_new_engines(world) -> None:
     async def stamp_raw() -> None:
         async with world.engines["south_america"].begin() as conn:
