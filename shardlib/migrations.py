@@ -246,7 +246,7 @@ class MigrationError(RuntimeError):
         super().__init__(
             f"{command} to {revision!r} failed on shard {shard!r}: {type(error).__name__}: {reason}. "
             f"Shards now: {listed}. Fix the cause and run the same {command} again "
-            f"(make migrate): shards already done are skipped"
+            f"(python -m shardlib.migrations {command} {revision}): shards already done are skipped"
         )
 
 
