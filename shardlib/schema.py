@@ -35,8 +35,12 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
 
-GUARD_KEY = "shardlib.schema_guard"
-"""``session.info`` key under which :func:`guard` stores the shards to check."""
+from .shards import SHARD_IDS
+
+CHECK_KEY = "shardlib.check_schema"
+"""``session.info[CHECK_KEY] = False`` (``make_sessionmaker(check_schema=False)``) skips the check."""
+
+_SHARDLIB_SESSION = "shardlib.allocator"  # in the info of every session make_sessionmaker makes
 
 _seen: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
@@ -122,18 +126,13 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
         raise SchemaDriftError(expected, found)
 
 
-def guard(engines: Mapping[str, AsyncEngine]) -> dict[str, Engine]:
-    """What :func:`shardlib.make_sessionmaker` puts in ``info[GUARD_KEY]``."""
-    return {shard: _sync(engine) for shard, engine in engines.items()}
-
-
 @event.listens_for(Session, "after_begin")
 def _check_before_first_use(session: Session, transaction: SessionTransaction,
                             connection: Connection) -> None:
-    shards = session.info.get(GUARD_KEY)
-    if shards is not None:
-        check(shards, connection)
+    """Every session made by :func:`shardlib.make_sessionmaker` checks its shards
+    (``get_bind(shard_id=...)`` names each shard's engine) when it first connects."""
+    if _SHARDLIB_SESSION in session.info and session.info.get(CHECK_KEY, True):
+        check({shard: session.get_bind(shard_id=shard) for shard in SHARD_IDS}, connection)
 
 
-__all__ = ["GUARD_KEY", "SchemaDriftError", "check", "describe", "forget", "guard", "read_revisions",
-           "remember"]
+__all__ = ["CHECK_KEY", "SchemaDriftError", "check", "describe", "forget", "read_revisions", "remember"]

@@ -214,8 +214,8 @@ def make_sessionmaker(
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
-    if kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
-        info[schema.GUARD_KEY] = schema.guard(engines)
+    if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
+        info[schema.CHECK_KEY] = False
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
