@@ -380,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             print(error.revisions.to_string(), file=sys.stderr)
             return 1
+        except ValueError as error:  # an unknown shard or revision: nothing was run
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         finally:
             await dispose(engines)
 

@@ -381,6 +381,39 @@ def test_errors_name_the_bad_value_and_valid_ones(world) -> None:
         world.run(shardlib.downgrade(world.engines, "0099"))
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(nulls=st.lists(st.integers(0, 40), min_size=4, max_size=4),
+       filled=st.lists(st.integers(0, 5), min_size=4, max_size=4), batch_size=st.integers(1, 60))
+def test_backfill_fills_exactly_the_nulls_in_batches(world, nulls, filled, batch_size) -> None:
+    """Any NULL count per shard (zero included), rows that already have a value,
+    any batch size: each NULL is filled once, the others are left alone."""
+    world.run(shardlib.reset(world.engines))
+    world.run(shardlib.migrate(world.engines, EXPAND))
+
+    async def load() -> None:
+        for shard, n_null, n_set in zip(SHARD_IDS, nulls, filled):
+            async with world.engines[shard].begin() as conn:
+                await conn.execute(text("INSERT INTO weather_locations (id, continent, city) VALUES (:i, 'x', 'y')"),
+                                   {"i": shardlib.make_id(1, shard)})
+                rows = [{"location_id": shardlib.make_id(1, shard), "temperature": float(k),
+                         "report_time": FIXED_TIME, "unit": None if k < n_null else "C"}
+                        for k in range(n_null + n_set)]
+                if rows:
+                    await conn.execute(insert(REPORTS), rows)
+    world.run(load())
+    seen: list[Any] = []
+    frame = world.run(shardlib.backfill(world.engines, "weather_reports", "unit", "F",
+                                        batch_size=batch_size, on_batch=seen.append))
+    assert frame["rows"].tolist() == nulls
+    assert frame["batches"].tolist() == [-(-n // batch_size) for n in nulls]
+    assert all(0 < b.rows <= batch_size for b in seen) and len(seen) == frame["batches"].sum()
+
+    def by_unit(conn: Any) -> dict[Any, int]:
+        return dict(conn.execute(select(REPORTS.c.unit, func.count()).group_by(REPORTS.c.unit)).all())
+    assert world.run(read_all(world.engines, by_unit)) == {
+        s: {k: v for k, v in {"F": n, "C": m}.items() if v} for s, n, m in zip(SHARD_IDS, nulls, filled)}
+
+
 # ---------------------------------------------------------------- expand/contract under writers
 
 async def expand_backfill_contract(engines: dict[str, Any], Session: Any, *, writers: int,
@@ -479,6 +512,8 @@ def test_the_command_line_runs_alembic_on_every_shard_or_one(world, tmp_path) ->
     assert one.returncode == 0, one.stderr
     assert world.run(read_all(world.engines, versions)) == {
         s: (EXPAND,) if s == "asia" else ("0001_initial",) for s in SHARD_IDS}
+    bad = _cli("--shard", "mars", "current", data_dir=data_dir)
+    assert bad.returncode == 2 and "unknown shard id 'mars'; valid shard ids are 'north_america'" in bad.stderr
     history = _cli("history", data_dir=data_dir)
     assert history.returncode == 0 and CONTRACT in history.stdout
     async def hand_made() -> None:
