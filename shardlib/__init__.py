@@ -32,7 +32,9 @@ from __future__ import annotations
 
 from .bulk import bulk_insert
 from .gather import gather
-from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows, show_shards, trace
+from .display import ShardTables, Trace, WrappedFrame, routing_frame, shard_frames, shard_rows, show_shards, trace, wrapped
+from .execution import CONCATENATE, CrossShardRefused
+from .exercises import check_answer, is_unanswered, shard_list
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
 from .backfill import backfill
@@ -66,11 +68,12 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "Base", "IdAllocator", "MigrationError", "Report", "SchemaDriftError", "ShardTables",
-    "ShardlibSession", "Trace", "WeatherLocation",
-    "alembic_command", "backfill", "bulk_insert", "check_engines", "dispose", "downgrade",
-    "execute_chooser", "gather", "id_counter", "identity_chooser", "make_engines", "make_id",
-    "make_sessionmaker", "migrate", "move_location", "parse_urls", "reset", "revisions",
+    "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "MigrationError", "Report",
+    "SchemaDriftError", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation", "WrappedFrame",
+    "alembic_command", "backfill", "bulk_insert", "check_answer", "check_engines", "dispose",
+    "downgrade", "execute_chooser", "gather", "id_counter", "identity_chooser", "is_unanswered",
+    "make_engines", "make_id", "make_sessionmaker", "migrate", "move_location", "parse_urls", "reset",
+    "revisions",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
-    "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
+    "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "trace", "wrapped",
 ]
