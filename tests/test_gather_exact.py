@@ -331,8 +331,6 @@ def test_subqueries_over_the_same_shards_rows_are_merged(xw) -> None:
           .where(WL.city == "Tokyo").order_by(WL.id, W2.id))
 
 
-@pytest.mark.xfail(reason="routing (issue 11 class 1, routing.py): conditions on two aliases of one table "
-                          "are merged into one atom, so shards_for() picks no shard", strict=False)
 def test_self_join_with_conditions_on_both_aliases(xw) -> None:
     check(xw, select(WL.city, W2.city, WL.id, W2.id).join(W2, WL.continent == W2.continent)
           .where(WL.city == "Tokyo", W2.city != "Tokyo").order_by(WL.id, W2.id))
