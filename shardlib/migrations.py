@@ -272,6 +272,17 @@ async def _each_shard(engines: Mapping[str, AsyncEngine], targets: list[str], na
     return outputs
 
 
+def _upgrade_with_cached_scripts(connection: Connection, shard: str, target: str) -> None:
+    """What ``alembic.command.upgrade`` does, with the revision scripts read once per
+    process instead of once per call (``reset()`` runs for every notebook and test)."""
+    from alembic.runtime.environment import EnvironmentContext
+
+    script = script_directory()
+    with EnvironmentContext(alembic_config(shard, connection), script, destination_rev=target,
+                            fn=lambda rev, context: script._upgrade_revs(target, rev)):
+        script.run_env()
+
+
 async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int = 1) -> None:
     """Empty one shard and build it through the migrations (what :func:`shardlib.reset` does).
 
@@ -286,7 +297,7 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
         counter_metadata.drop_all(conn)
         Base.metadata.drop_all(conn)
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-        run_alembic(conn, shard, "upgrade", f"{SCHEMA_BRANCH}@head")
+        _upgrade_with_cached_scripts(conn, shard, f"{SCHEMA_BRANCH}@head")
         if shard == COUNTER_SHARD:
             conn.execute(update(id_counter).values(next_value=first_sequence_number))
         return schema.read_revisions(conn)
