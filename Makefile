@@ -23,7 +23,7 @@ BIN :=
 STAMP :=
 endif
 
-.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg test-browser
+.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg test-browser migrate
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ test-notebooks: venv
 # Re-execute every notebook in place (fresh kernel each). The only way outputs change.
 notebooks: venv
 	$(BIN)python tools/run_notebooks.py $(NB)
+
+# Every shard to the schema head with Alembic (SQLite files in shard_data/, or $SHARDLIB_URLS).
+# Any Alembic command on all shards or one: $(BIN)python -m shardlib.migrations [--shard asia] current
+migrate: venv
+	$(BIN)python -m shardlib.migrations upgrade head
 
 # Real PostgreSQL shards: make pg-up, export the printed lines, make test-pg.
 pg-up:

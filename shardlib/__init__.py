@@ -22,7 +22,9 @@ Quick tour::
 Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
 layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
-:mod:`~shardlib.session`, :mod:`~shardlib.display` and
+:mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
+shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
+:mod:`~shardlib.display` and
 :mod:`~shardlib.upstream` (the seed's choosers, for comparison).
 """
 
@@ -35,6 +37,8 @@ from .execution import CONCATENATE, CrossShardRefused
 from .exercises import check_answer, is_unanswered, shard_list
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
+from .backfill import backfill
+from .schema import SchemaDriftError
 from .models import Base, Report, WeatherLocation, id_counter
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -49,13 +53,27 @@ from .shards import (
     shard_for_id,
 )
 
+_MIGRATIONS = ("MigrationError", "alembic_command", "downgrade", "migrate", "revisions")
+
+
+def __getattr__(name: str) -> object:
+    """``shardlib.migrate`` & co. come from :mod:`shardlib.migrations`, imported on
+    first use so that ``python -m shardlib.migrations`` runs it only once."""
+    if name in _MIGRATIONS:
+        from . import migrations
+
+        return getattr(migrations, name)
+    raise AttributeError(f"module 'shardlib' has no attribute {name!r}")
+
+
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace",
-    "WeatherLocation", "WrappedFrame",
-    "GatherPlan", "GatherRefused", "ShardFailed", "plan",
-    "bulk_insert", "check_answer", "check_engines", "is_unanswered", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
-    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
+    "CONCATENATE", "CrossShardRefused", "Base", "GatherPlan", "GatherRefused", "IdAllocator", "MigrationError",
+    "Report", "SchemaDriftError", "ShardFailed", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
+    "WrappedFrame", "alembic_command", "backfill", "bulk_insert", "check_answer", "check_engines", "dispose",
+    "downgrade", "execute_chooser", "gather", "id_counter", "identity_chooser", "is_unanswered",
+    "make_engines", "make_id", "make_sessionmaker", "migrate", "move_location", "parse_urls", "plan", "reset",
+    "revisions",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
     "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "trace", "wrapped",
 ]

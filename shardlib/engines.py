@@ -24,11 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .ids import forget_allocations
-from .models import Base, counter_metadata, id_counter
 from .shards import COUNTER_SHARD, SHARD_IDS
 
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -108,32 +107,27 @@ def make_engines(
 
 
 async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: int = 1) -> None:
-    """Drop and re-create every table on every shard and restart the id counter.
+    """Drop every table on every shard, re-create them through the migrations
+    (Alembic, up to the schema head) and restart the id counter.
 
-    The counter table exists only on ``COUNTER_SHARD``. Afterwards every
-    notebook and test starts from the same empty, deterministic state.
+    The counter table exists only on ``COUNTER_SHARD``. Each shard is rebuilt
+    in one transaction. Afterwards every notebook and test starts from the
+    same empty, deterministic state, with each shard's ``alembic_version``
+    at the code's schema head (see :mod:`shardlib.migrations`).
     """
+    from .migrations import rebuild  # migrations imports this module
+
     check_engines(engines)
     for shard in SHARD_IDS:
-        async with engines[shard].begin() as conn:
-            if conn.dialect.name == "postgresql":
-                await _refuse_in_doubt_transactions(conn, shard)
-            await conn.run_sync(counter_metadata.drop_all)
-            await conn.run_sync(Base.metadata.drop_all)
-            await conn.run_sync(Base.metadata.create_all)
-            if shard == COUNTER_SHARD:
-                await conn.run_sync(counter_metadata.create_all)
-                await conn.execute(insert(id_counter).values(next_value=first_sequence_number))
+        await rebuild(engines[shard], shard, first_sequence_number=first_sequence_number)
     forget_allocations(engines[COUNTER_SHARD].sync_engine)
 
 
-async def _refuse_in_doubt_transactions(conn: Any, shard: str) -> None:
+def refuse_in_doubt_transactions(conn: Connection, shard: str) -> None:
     """A prepared (two-phase) transaction nobody finished holds its locks, and
     ``DROP TABLE`` would wait for them forever: say so instead of hanging."""
     gids = (
-        await conn.execute(
-            text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
-        )
+        conn.execute(text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"))
     ).scalars().all()
     if gids:
         raise RuntimeError(

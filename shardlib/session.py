@@ -38,7 +38,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, routing, upstream
+from . import execution, routing, schema, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -283,7 +283,9 @@ def make_sessionmaker(
     execute choosers (every ``get()`` and every SELECT visits all four shards)
     so the notebooks can compare; ids and validation stay shardlib's.
     ``shard_chooser=``, ``identity_chooser=`` or ``execute_chooser=`` replace
-    one chooser (to experiment with your own). Other keyword arguments go to
+    one chooser (to experiment with your own). ``check_schema=False`` opens
+    sessions even on shards whose schema revisions differ from the code's
+    (:mod:`shardlib.schema`). Other keyword arguments go to
     ``async_sessionmaker`` (e.g. ``twophase=True``).
     """
     check_engines(engines)
@@ -305,6 +307,8 @@ def make_sessionmaker(
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
+        info[schema.CHECK_KEY] = False
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
