@@ -23,7 +23,9 @@ Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
 layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
 :mod:`~shardlib.session`, :mod:`~shardlib.display` and
-:mod:`~shardlib.upstream` (the seed's choosers, for comparison).
+:mod:`~shardlib.upstream` (the seed's choosers, for comparison),
+:mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
+two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows
 from .execution import CONCATENATE, CrossShardRefused
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
+from .outages import ShardUnavailable
+from .twophase import DecisionRefused, recover, recovery_task
 from .models import Base, Report, WeatherLocation, id_counter
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -50,9 +54,9 @@ from .shards import (
 
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
+    "CONCATENATE", "CrossShardRefused", "DecisionRefused", "ShardUnavailable", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
     "bulk_insert", "check_engines", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
-    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
+    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "recover", "recovery_task", "reset",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
     "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
 ]

@@ -28,6 +28,7 @@ from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .ids import forget_allocations
+from .outages import name_outages
 from .models import Base, counter_metadata, id_counter
 from .shards import COUNTER_SHARD, SHARD_IDS
 
@@ -104,7 +105,10 @@ def make_engines(
         directory.mkdir(parents=True, exist_ok=True)
         urls = {s: f"sqlite+aiosqlite:///{directory / f'{s}.db'}" for s in SHARD_IDS}
     check_engines(urls)
-    return {shard: make_engine(urls[shard], **engine_kw) for shard in SHARD_IDS}
+    engines = {shard: make_engine(urls[shard], **engine_kw) for shard in SHARD_IDS}
+    for shard, engine in engines.items():
+        name_outages(engine, shard)  # a shard that is down fails fast, named (shardlib.outages)
+    return engines
 
 
 async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: int = 1) -> None:

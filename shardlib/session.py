@@ -38,7 +38,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, routing, upstream
+from . import execution, routing, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -284,7 +284,8 @@ def make_sessionmaker(
     so the notebooks can compare; ids and validation stay shardlib's.
     ``shard_chooser=``, ``identity_chooser=`` or ``execute_chooser=`` replace
     one chooser (to experiment with your own). Other keyword arguments go to
-    ``async_sessionmaker`` (e.g. ``twophase=True``).
+    ``async_sessionmaker`` (e.g. ``twophase=True``, whose decisions are logged
+    durably, on ``commit_log=`` engine or the counter's shard: :mod:`shardlib.twophase`).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -305,6 +306,9 @@ def make_sessionmaker(
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    commit_log_engine = kw.pop("commit_log", None)
+    if kw.get("twophase"):  # the decision to commit is logged durably (shardlib.twophase)
+        info["shardlib.commit_log"] = twophase.commit_log_for(engines, commit_log_engine)
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
