@@ -173,6 +173,16 @@ class Servers:
         """SIGKILL the shard's postmaster and every backend (a crash: no checkpoint, no goodbye)."""
         self._run("kill9", shard)
 
+    def stop(self, shard: str) -> None:
+        """Stop the shard's server cleanly (an outage that is not a crash)."""
+        self._run("stop", shard)
+
+    def pause(self, shard: str) -> int:
+        """SIGSTOP the postmaster: it accepts TCP connections but never answers. Returns its pid."""
+        pid = int((PG_SH.parent.parent / ".pg" / self.names[shard] / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
     def start(self, shard: str) -> None:
         """Start it again: PostgreSQL replays its WAL, prepared transactions included."""
         self._run("start", shard)

@@ -142,8 +142,9 @@ async def _refuse_in_doubt_transactions(conn: Any, shard: str) -> None:
     if gids:
         raise RuntimeError(
             f"{shard}: prepared (in-doubt) transactions {list(gids)} hold locks that "
-            f"DROP TABLE would wait for forever; finish each with COMMIT PREPARED 'gid' "
-            f"or ROLLBACK PREPARED 'gid' and call reset() again"
+            f"DROP TABLE would wait for forever; run await shardlib.recover(engines) (commits "
+            f"those whose decision is logged, rolls back the rest) or finish each with COMMIT "
+            f"PREPARED 'gid' or ROLLBACK PREPARED 'gid', and call reset() again"
         )
 
 

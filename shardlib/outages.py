@@ -62,12 +62,13 @@ def _address(engine: Any) -> str:
     return f"{url.host}:{url.port}/{url.database}" if url.host else str(url.database)
 
 
-def name_outages(engine: AsyncEngine, shard: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+def name_outages(engine: AsyncEngine, shard: str, connect_timeout: float | None = None) -> None:
     """Make ``engine``'s connection failures raise :class:`ShardUnavailable` naming ``shard``.
 
     Installs two listeners on the engine: ``do_connect`` (bounds the connect
-    time for asyncpg, wraps a failed connect) and ``handle_error`` (a
-    statement that lost its connection).
+    time for asyncpg to ``connect_timeout``, by default ``CONNECT_TIMEOUT_S``
+    as it is when the connection is made; wraps a failed connect) and
+    ``handle_error`` (a statement that lost its connection).
     """
     sync_engine = engine.sync_engine
     address = _address(sync_engine)
@@ -76,7 +77,7 @@ def name_outages(engine: AsyncEngine, shard: str, connect_timeout: float = CONNE
     @event.listens_for(sync_engine, "do_connect")
     def _connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         if asyncpg:
-            cparams.setdefault("timeout", connect_timeout)
+            cparams.setdefault("timeout", CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout)
         try:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:

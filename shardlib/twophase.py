@@ -320,7 +320,14 @@ def _install(engine: Engine) -> None:
         """SQLAlchemy rolls back what is left after a failed COMMIT PREPARED; a decided
         transaction must commit instead (roll forward), or stay prepared for recover()."""
         if not (is_prepared and xid in _decided_xids):
-            return rollback(connection, xid, is_prepared, recover)
+            try:
+                return rollback(connection, xid, is_prepared, recover)
+            except DBAPIError as error:
+                if not _gone(error):
+                    raise
+                # recover() rolled it back already (its abort row refused our decision)
+                dialect.do_rollback(connection.connection)
+                return None
         try:
             commit(connection, xid, True, recover)
             _decided_xids.discard(xid)
@@ -344,6 +351,11 @@ async def _prepared_on(engine: AsyncEngine) -> list[tuple[str, float]]:
         return [(gid, float(age)) for gid, age in rows]
 
 
+def _gone(error: DBAPIError) -> bool:
+    """The prepared transaction named in a COMMIT/ROLLBACK PREPARED no longer exists."""
+    return getattr(error.orig, "sqlstate", None) == "42704" or "does not exist" in str(error.orig)
+
+
 async def _finish(engine: AsyncEngine, xid: str, decision: str) -> str:
     """COMMIT PREPARED or ROLLBACK PREPARED ``xid``; say what happened."""
     verb = "COMMIT" if decision == COMMIT else "ROLLBACK"
@@ -352,7 +364,7 @@ async def _finish(engine: AsyncEngine, xid: str, decision: str) -> str:
         try:
             await conn.execute(text(f"{verb} PREPARED :xid").bindparams(bindparam("xid", xid, literal_execute=True)))
         except DBAPIError as error:
-            if getattr(error.orig, "sqlstate", None) == "42704" or "does not exist" in str(error):
+            if _gone(error):
                 return "already finished by another process"
             raise
     return "committed" if decision == COMMIT else "rolled back"
