@@ -7,6 +7,7 @@ Skipped on SQLite and for servers not run by ``scripts/pg.sh`` here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -48,7 +49,8 @@ async def _city(Session, continent: str) -> list[str]:
 
 
 def test_the_shards_are_separate_servers(world, servers) -> None:
-    """Four addresses, four server processes: one stopped, the other three answer."""
+    """Four addresses, four server processes with durable settings: one stopped,
+    the other three answer."""
     urls = shardlib.parse_urls(os.environ["SHARDLIB_URLS"])
     from sqlalchemy.engine import make_url
 
@@ -65,6 +67,15 @@ def test_the_shards_are_separate_servers(world, servers) -> None:
                 found[shard] = error
         return found
 
+    async def settings() -> set[tuple[str, str]]:
+        found = set()
+        for engine in world.engines.values():
+            async with engine.connect() as conn:
+                for name in ("fsync", "synchronous_commit", "full_page_writes"):
+                    found.add((name, (await conn.execute(text(f"SHOW {name}"))).scalar_one()))
+        return found
+
+    assert world.run(settings()) == {("fsync", "on"), ("synchronous_commit", "on"), ("full_page_writes", "on")}
     before = world.run(pids())
     assert len(set(before.values())) == 4  # four checkpointers: four servers
     servers.stop("europe")
@@ -122,7 +133,8 @@ def test_a_server_that_does_not_answer_fails_after_the_connect_timeout(world, se
     try:
         async def go():
             with pytest.raises(shardlib.ShardUnavailable, match="shard 'europe'.*connect failed.*TimeoutError"):
-                await _city(Session, "Europe")
+                # a guard against hanging, 30x the timeout: asyncio.TimeoutError here means no timeout was set
+                await asyncio.wait_for(_city(Session, "Europe"), 30)
             assert await _city(Session, "Asia") == []
 
         world.run(go())
