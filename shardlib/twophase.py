@@ -455,6 +455,34 @@ async def _recover_locked(engines: Mapping[str, AsyncEngine], lock: Any, min_age
             await lock.execute(delete(commit_log).where(commit_log.c.xid == xid))
 
 
+async def prepared_transactions(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
+    """Every shard's ``pg_prepared_xacts`` (this database's), one row each:
+    ``shard``, ``xid``, ``prepared`` (when), ``age_s``. Empty on SQLite."""
+    rows = []
+    for shard in SHARD_IDS:
+        if engines[shard].dialect.name != "postgresql":
+            continue
+        async with engines[shard].connect() as conn:
+            found = await conn.execute(text(
+                "SELECT gid, prepared, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts "
+                "WHERE database = current_database() ORDER BY prepared"))
+            rows += [dict(shard=shard, xid=gid, prepared=when, age_s=round(age, 1)) for gid, when, age in found]
+    return pd.DataFrame(rows, columns=["shard", "xid", "prepared", "age_s"])
+
+
+async def logged_decisions(engines: Mapping[str, AsyncEngine],
+                           commit_log_engine: AsyncEngine | None = None) -> pd.DataFrame:
+    """The commit log's rows: ``xid``, ``shard``, ``global_id``, ``decision``, ``decided_at``."""
+    engine = commit_log_engine if commit_log_engine is not None else engines[COUNTER_SHARD]
+    columns = [c.name for c in commit_log.columns]
+    if engine.dialect.name != "postgresql":
+        return pd.DataFrame(columns=columns)
+    async with engine.begin() as conn:
+        await conn.run_sync(_create_log_table)
+        found = (await conn.execute(select(commit_log).order_by(commit_log.c.decided_at, commit_log.c.shard))).all()
+    return pd.DataFrame([tuple(r) for r in found], columns=columns)
+
+
 async def recovery_task(engines: Mapping[str, AsyncEngine], *, interval: float = 60.0,
                         min_age: float = DEFAULT_MIN_AGE_S,
                         commit_log_engine: AsyncEngine | None = None) -> None:
