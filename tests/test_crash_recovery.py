@@ -358,3 +358,24 @@ def test_a_successful_commit_leaves_no_log_rows_and_nothing_prepared(world) -> N
 
     world.run(go())
     assert points == ["prepare"] * 4 + ["decide", "logged"] + ["commit"] * 4 + ["committed"]
+
+
+def test_the_recovery_task_finishes_an_orphan_in_the_background(world) -> None:
+    """recovery_task() is recover() every ``interval`` seconds until cancelled."""
+    orphan = _xid()
+
+    async def go():
+        await _prepare(world.engines["europe"], orphan, "Background", "Europe")
+        task = asyncio.create_task(shardlib.recovery_task(world.engines, interval=0.2, min_age=0))
+        try:
+            for _ in range(300):  # polls until done (a guard, not a timing claim: usually the first round)
+                if not (await _state(world.engines, "europe", "Background"))[1]:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert await _state(world.engines, "europe", "Background") == (0, [])
+
+    world.run(go())
