@@ -290,13 +290,23 @@ def _on_commit(connection: Connection, xid: str, is_prepared: bool) -> None:
         participants = dict(state.prepared)
         _notify("decide", participants=participants, done=len(participants))
         waited = time.monotonic() - (state.first_prepare or time.monotonic())
-        if waited > DECISION_DEADLINE_S:
-            raise DecisionRefused(
-                f"transaction {state.transaction_id} on {', '.join(map(repr, participants))}: "
-                f"{waited:.0f} s since its first PREPARE (limit DECISION_DEADLINE_S = "
-                f"{DECISION_DEADLINE_S:.0f} s); recover() may have rolled a participant back"
-            )
-        state.log.log_commit(state.transaction_id, participants)
+        try:
+            if waited > DECISION_DEADLINE_S:
+                raise DecisionRefused(
+                    f"transaction {state.transaction_id} on {', '.join(map(repr, participants))}: "
+                    f"{waited:.0f} s since its first PREPARE (limit DECISION_DEADLINE_S = "
+                    f"{DECISION_DEADLINE_S:.0f} s); recover() may have rolled a participant back"
+                )
+            state.log.log_commit(state.transaction_id, participants)
+        except DecisionRefused:
+            # SQLAlchemy counts this participant's transaction as finished once its commit
+            # raised, and would leave it prepared (holding its locks until recover()):
+            # roll it back here; leaving the session rolls back the others
+            try:
+                connection.engine.dialect.do_rollback_twophase(connection, xid, True)
+            except Exception as error:
+                log.warning("%s on %s left prepared for recover(): %s", xid, shard, error)
+            raise
         state.decided = True
         _decided_xids.update(participants.values())
         _notify("logged", participants=participants, done=0)

@@ -113,6 +113,7 @@ def test_commit_log_server_killed(world, point, promised) -> None:
     outcome = world.run(crashlab.crash_case(_urls(), _servers(), point, ["asia", "europe"],
                                             shardlib.COUNTER_SHARD, _tag()))
     assert outcome.outcome == promised and outcome.atomic, outcome.row()
+    assert outcome.recover_actions == [], outcome.row()  # the coordinator finished every participant itself
 
 
 # ------------------------------------------------------------- recover() on hand-made prepared transactions
