@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select, text
 
 import shardlib
@@ -120,7 +122,7 @@ def test_commit_log_server_killed(world, point, promised) -> None:
 
 async def _prepare(engine, xid: str, city: str, continent: str = "Asia") -> None:
     """A prepared transaction inserting one location, as a dead coordinator leaves it."""
-    number = abs(hash(city)) % 10_000 + 1
+    number = uuid.uuid4().int % 10**9 + 1  # unique: a duplicate key would wait for the other prepared one
     async with engine.connect() as conn:
         await conn.execute(text("BEGIN"))
         await conn.execute(
@@ -380,3 +382,43 @@ def test_the_recovery_task_finishes_an_orphan_in_the_background(world) -> None:
         assert await _state(world.engines, "europe", "Background") == (0, [])
 
     world.run(go())
+
+
+KINDS = ("logged commit", "logged abort", "no decision", "not SQLAlchemy's")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases=st.lists(st.tuples(st.sampled_from(shardlib.SHARD_IDS), st.sampled_from(KINDS)), min_size=1, max_size=6),
+       old_enough=st.booleans())
+def test_recover_against_a_model(world, cases, old_enough) -> None:
+    """Any mix of prepared transactions: recover() commits exactly the logged
+    commits, rolls back exactly the other SQLAlchemy ones, and only when they
+    are older than min_age; a second run finds nothing of its own left."""
+    async def go():
+        made = []
+        for n, (shard, kind) in enumerate(cases):
+            xid = FOREIGN + uuid.uuid4().hex[:8] if kind == "not SQLAlchemy's" else _xid()
+            city = f"Model{n}-{uuid.uuid4().hex[:6]}"
+            continent = next(c for c, s in shardlib.SHARD_FOR_CONTINENT.items() if s == shard)
+            await _prepare(world.engines[shard], xid, city, continent)
+            if kind in ("logged commit", "logged abort"):
+                await _log(world.engines, xid, shard, twophase.COMMIT if kind == "logged commit" else twophase.ABORT)
+            made.append((shard, kind, xid, city))
+        await shardlib.recover(world.engines, min_age=0 if old_enough else 3600)
+        for shard, kind, xid, city in made:
+            rows, prepared = await _state(world.engines, shard, city)
+            still = xid in prepared
+            if kind == "not SQLAlchemy's" or not old_enough:
+                assert (rows, still) == (0, True), (kind, old_enough)
+            elif kind == "logged commit":
+                assert (rows, still) == (1, False), kind
+            else:
+                assert (rows, still) == (0, False), kind
+        again = await shardlib.recover(world.engines, min_age=0)
+        left = {r.xid for r in again.itertuples() if r.action in ("committed", "rolled back")}
+        assert left == ({x for _, k, x, _ in made if k != "not SQLAlchemy's"} if not old_enough else set())
+
+    try:
+        world.run(go())
+    finally:
+        asyncio.run(_recover_all())
