@@ -89,7 +89,7 @@ def main() -> int:
     started = time.perf_counter()
     frame = asyncio.run(run([int(s) for s in args.sizes.split(",")], args.victims.split(",")))
     short = frame.copy()
-    short["coordinator"] = short["coordinator"].str.replace(r"ShardUnavailable: shard '(\w+)'.*", r"failed: \1 unavailable", regex=True)
+    short["coordinator"] = short["coordinator"].str.replace(r"^failed ShardUnavailable: shard '(\w+)'.*", r"failed: \1 unavailable", regex=True)
     short["coordinator"] = short["coordinator"].str.replace(r"^failed DecisionRefused: .*", "failed: decision not logged", regex=True)
     columns = ["kill point", "shards", "who died", "coordinator", "recover()", "outcome", "atomic", "as promised"]
     print(markdown(short[columns]))

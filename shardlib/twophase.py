@@ -25,20 +25,23 @@ maintenance daemon, and of Vitess's transaction watchdog):
    transaction must commit everywhere. When every participant has committed
    the rows are deleted (a failed delete is harmless: ``recover`` tidies).
 2. **A decided transaction is never rolled back.** If a COMMIT PREPARED fails
-   (its server died), SQLAlchemy, leaving the session, would send ROLLBACK
+   (its server died), SQLAlchemy leaves that shard prepared (it counts the
+   transaction as finished) and, leaving the session, would send ROLLBACK
    PREPARED to the shards not yet committed: a half-committed transaction.
    Here, for a decided id, it sends COMMIT PREPARED instead (roll forward), and
    if that fails too the shard stays prepared for :func:`recover`.
 3. **:func:`recover` finishes what crashes left.** It lists every shard's
    ``pg_prepared_xacts``, commits those whose decision is logged, and rolls
    back the others (presumed abort), but only those older than ``min_age``:
-   a younger one may belong to a coordinator that is still running.
+   a younger one may belong to a coordinator that is still running (and
+   would otherwise race it for the same COMMIT PREPARED).
 
 Who wins a race: ``recover`` rolls back only after inserting an *abort* row
 for that id into the same table, whose primary key is the prepared id. The
 coordinator's *commit* row and recover's *abort* row cannot both exist: the
 first to commit wins, the other gets a unique violation (the coordinator then
-rolls back everywhere; ``recover`` then commits). Abort rows are kept for
+rolls back everywhere and raises :class:`DecisionRefused`; ``recover`` then
+commits). Abort rows are kept for
 ``TOMBSTONE_RETENTION_S``; a coordinator refuses to log a decision later than
 ``DECISION_DEADLINE_S`` after its first PREPARE, so an abort row always
 outlives any coordinator that could still try to commit that id.
@@ -49,9 +52,9 @@ for its ids, so the log adds no new single point of failure, and its writes
 are as durable as that server (``scripts/pg.sh`` keeps ``fsync`` on). It may
 be a participant: that is safe (its prepared transaction and the decision are
 both durable on the same disk), but while that server is down no in-doubt
-transaction can be resolved. ``make_sessionmaker(..., commit_log=engine)``
+transaction can be resolved. ``make_sessionmaker(..., commit_log_engine=engine)``
 puts the log elsewhere, e.g. on a replicated coordinator database, as Citus
-does.
+does (then pass the same ``commit_log_engine=`` to :func:`recover`).
 
 When ``recover`` runs: in the background, every ``interval`` seconds
 (:func:`recovery_task`), and once when an application starts. Not inside
