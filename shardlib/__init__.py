@@ -54,9 +54,10 @@ from .shards import (
 
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "CONCATENATE", "CrossShardRefused", "DecisionRefused", "ShardUnavailable", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
+    "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
     "bulk_insert", "check_engines", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
-    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "recover", "recovery_task", "reset",
+    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
     "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
 ]
+__all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages
