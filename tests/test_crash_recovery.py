@@ -122,7 +122,7 @@ def test_commit_log_server_killed(world, point, promised) -> None:
 
 async def _prepare(engine, xid: str, city: str, continent: str = "Asia") -> None:
     """A prepared transaction inserting one location, as a dead coordinator leaves it."""
-    number = uuid.uuid4().int % 10**9 + 1  # unique: a duplicate key would wait for the other prepared one
+    number = uuid.uuid4().int % 10**7 + 1  # unique (a duplicate key would wait for the other prepared one), and the id fits INTEGER
     async with engine.connect() as conn:
         await conn.execute(text("BEGIN"))
         await conn.execute(
