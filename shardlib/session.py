@@ -285,7 +285,8 @@ def make_sessionmaker(
     ``shard_chooser=``, ``identity_chooser=`` or ``execute_chooser=`` replace
     one chooser (to experiment with your own). Other keyword arguments go to
     ``async_sessionmaker`` (e.g. ``twophase=True``, whose decisions are logged
-    durably, on ``commit_log_engine=`` or the counter's shard: :mod:`shardlib.twophase`).
+    durably, on ``commit_log_engine=`` or the counter's shard: :mod:`shardlib.twophase`;
+    ``commit_log_engine=False`` leaves SQLAlchemy's two-phase commit alone, to compare).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -307,7 +308,7 @@ def make_sessionmaker(
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
     commit_log_engine = kw.pop("commit_log_engine", None)
-    if kw.get("twophase"):  # the decision to commit is logged durably (shardlib.twophase)
+    if kw.get("twophase") and commit_log_engine is not False:  # decisions logged (shardlib.twophase)
         info["shardlib.commit_log"] = twophase.commit_log_for(engines, commit_log_engine)
     info.update(kw.pop("info", {}))
     return async_sessionmaker(

@@ -55,6 +55,8 @@ both durable on the same disk), but while that server is down no in-doubt
 transaction can be resolved. ``make_sessionmaker(..., commit_log_engine=engine)``
 puts the log elsewhere, e.g. on a replicated coordinator database, as Citus
 does (then pass the same ``commit_log_engine=`` to :func:`recover`).
+``commit_log_engine=False`` turns all of this off: SQLAlchemy's two-phase
+commit alone, for comparison (it half-commits after a phase-2 failure).
 
 When ``recover`` runs: in the background, every ``interval`` seconds
 (:func:`recovery_task`), and once when an application starts. Not inside

@@ -422,3 +422,37 @@ def test_recover_against_a_model(world, cases, old_enough) -> None:
         world.run(go())
     finally:
         asyncio.run(_recover_all())
+
+
+def test_without_the_log_sqlalchemy_alone_rolls_back_after_a_phase_2_failure(world) -> None:
+    """commit_log_engine=False: SQLAlchemy's own two-phase commit, for comparison.
+    The same phase-2 failure as above ends half-committed: the shards not yet
+    committed get ROLLBACK PREPARED when the session is left."""
+    Session = shardlib.make_sessionmaker(world.engines, twophase=True, commit_log_engine=False)
+    shards = ["asia", "europe", "south_america"]
+    sent = []
+
+    def fail_later_commits(conn, cursor, statement, *args):
+        if statement.startswith("COMMIT PREPARED"):
+            sent.append(statement)
+            if len(sent) > 1:
+                raise InjectedFailure("injected COMMIT PREPARED failure")
+
+    engines = [world.engines[s].sync_engine for s in shards]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", fail_later_commits)
+
+    async def go():
+        async with Session() as session:
+            session.add_all([WeatherLocation(c, "Alone") for c in ("Asia", "Europe", "South America")])
+            with pytest.raises(InjectedFailure):
+                await session.commit()
+        states = [await _state(world.engines, s, "Alone") for s in shards]
+        assert sorted(rows for rows, _ in states) == [0, 0, 1]  # one committed ...
+        assert sum(len(prepared) for _, prepared in states) == 1  # ... one in doubt, one rolled back
+
+    try:
+        world.run(go())
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", fail_later_commits)
