@@ -176,11 +176,26 @@ class Servers:
         """Stop the shard's server cleanly (an outage that is not a crash)."""
         self._run("stop", shard)
 
-    def pause(self, shard: str) -> int:
-        """SIGSTOP the postmaster: it accepts TCP connections but never answers. Returns its pid."""
+    def pause(self, shard: str, backends: bool = False) -> list[int]:
+        """SIGSTOP the postmaster (and, with ``backends``, every backend): the kernel still
+        accepts TCP connections, the server never answers. Returns the pids for :meth:`resume`."""
         pid = int((PG_SH.parent.parent / ".pg" / self.names[shard] / "data" / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGSTOP)
-        return pid
+        pids = [pid]
+        if backends:
+            found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+            pids += [int(p) for p in found]
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def resume(pids: list[int]) -> None:
+        """SIGCONT what :meth:`pause` stopped."""
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def start(self, shard: str) -> None:
         """Start it again: PostgreSQL replays its WAL, prepared transactions included."""

@@ -8,7 +8,8 @@ What shardlib promises then:
 * a statement that needs it fails within ``CONNECT_TIMEOUT_S`` seconds (a
   server that is up but not answering, e.g. stopped or unreachable, would
   otherwise keep asyncpg waiting 60 s) with :class:`ShardUnavailable`, whose
-  message and ``.shard`` name the shard and its address;
+  message and ``.shard`` name the shard and its address; a server that stops
+  answering in the middle of a statement, within ``STATEMENT_TIMEOUT_S``;
 * a pooled connection that dies under a statement (the server crashed) is
   discarded by the pool and reported the same way; the next statement
   reconnects, or fails fast while the server is down.
@@ -44,6 +45,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 CONNECT_TIMEOUT_S = 5.0
 """Seconds a new connection to a PostgreSQL shard may take before the shard counts as down."""
 
+STATEMENT_TIMEOUT_S = 120.0
+"""Seconds one statement may wait for a PostgreSQL shard's answer (asyncpg's
+``command_timeout``) before the connection is dropped and the shard counts as
+down: a server that hangs (stopped, or its host unreachable with the TCP
+connection still open) never answers, and without a bound the statement
+would wait forever. Generous, because a slow statement is not an outage;
+lower it where statements are known to be short (tests use 1 s)."""
+
 
 class ShardUnavailable(ConnectionError):
     """A shard's server could not be reached. ``.shard`` names it; ``__cause__`` is the driver's error."""
@@ -78,6 +87,7 @@ def name_outages(engine: AsyncEngine, shard: str, connect_timeout: float | None 
     def _connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         if asyncpg:
             cparams.setdefault("timeout", CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout)
+            cparams.setdefault("command_timeout", STATEMENT_TIMEOUT_S)
         try:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:
@@ -86,6 +96,8 @@ def name_outages(engine: AsyncEngine, shard: str, connect_timeout: float | None 
     @event.listens_for(sync_engine, "handle_error")
     def _lost(context: Any) -> None:
         if context.is_disconnect and not context.is_pre_ping:
-            raise ShardUnavailable(
-                shard, address, context.original_exception, "connection lost during a statement"
-            ) from context.sqlalchemy_exception
+            error = context.original_exception
+            timed_out = any(isinstance(e, TimeoutError) for e in (error, error.__cause__, error.__context__))
+            when = ("no answer within the statement timeout (outages.STATEMENT_TIMEOUT_S)" if timed_out
+                    else "connection lost during a statement")
+            raise ShardUnavailable(shard, address, error, when) from context.sqlalchemy_exception

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import Iterator
 
 import pytest
@@ -138,7 +137,7 @@ def test_a_server_that_does_not_answer_fails_after_the_connect_timeout(world, se
     monkeypatch.setattr(outages, "CONNECT_TIMEOUT_S", 1.0)
     engines = shardlib.make_engines(shardlib.parse_urls(os.environ["SHARDLIB_URLS"]))
     Session = shardlib.make_sessionmaker(engines)
-    pid = servers.pause("europe")
+    pids = servers.pause("europe")
     try:
         async def go():
             with pytest.raises(shardlib.ShardUnavailable, match="shard 'europe'.*connect failed.*TimeoutError"):
@@ -148,7 +147,30 @@ def test_a_server_that_does_not_answer_fails_after_the_connect_timeout(world, se
 
         world.run(go())
     finally:
-        os.kill(pid, signal.SIGCONT)
+        servers.resume(pids)
+        world.run(shardlib.dispose(engines))
+
+
+def test_a_server_that_stops_answering_mid_session_fails_after_the_statement_timeout(world, servers, monkeypatch) -> None:
+    """A pooled connection to a server that hangs (every backend stopped): the
+    statement would wait forever; the statement timeout ends it, the shard named."""
+    monkeypatch.setattr(outages, "STATEMENT_TIMEOUT_S", 1.0)
+    engines = shardlib.make_engines(shardlib.parse_urls(os.environ["SHARDLIB_URLS"]))
+    Session = shardlib.make_sessionmaker(engines)
+
+    async def go():
+        assert await _city(Session, "Asia") == []  # the pool now holds a connection to asia
+        pids = servers.pause("asia", backends=True)
+        try:
+            with pytest.raises(shardlib.ShardUnavailable, match="shard 'asia'.*no answer within the statement timeout"):
+                await asyncio.wait_for(_city(Session, "Asia"), 30)  # hang guard, 30x the timeout
+        finally:
+            servers.resume(pids)
+        assert await _city(Session, "Europe") == []
+
+    try:
+        world.run(go())
+    finally:
         world.run(shardlib.dispose(engines))
 
 
