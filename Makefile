@@ -23,7 +23,7 @@ BIN :=
 STAMP :=
 endif
 
-.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg test-browser migrate
+.PHONY: lab test test-unit test-notebooks notebooks venv clean bench pg-up pg-down test-pg kill-matrix test-browser migrate
 
 venv: $(STAMP)
 
@@ -70,6 +70,12 @@ test-pg: venv
 	@if [ -z "$$SHARDLIB_URLS" ]; then \
 		echo "SHARDLIB_URLS is not set: run 'make pg-up' and export the lines it prints" >&2; exit 2; fi
 	$(BIN)python -m pytest -q tests
+
+# SIGKILL two-phase commits (coordinator, participant servers) at every protocol point; prints the matrix.
+kill-matrix: venv
+	@if [ -z "$$SHARDLIB_URLS" ]; then \
+		echo "SHARDLIB_URLS is not set: run 'make pg-up' and export the lines it prints" >&2; exit 2; fi
+	$(BIN)python scripts/kill_matrix.py
 
 # Every notebook run in JupyterLab in headless Chromium, from the menus, as a learner would.
 # Needs Debian's chromium (apt-get install -y chromium); screenshots in artifacts/screenshots/.

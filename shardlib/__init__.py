@@ -24,8 +24,9 @@ layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
 :mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
 shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
-:mod:`~shardlib.display` and
-:mod:`~shardlib.upstream` (the seed's choosers, for comparison).
+:mod:`~shardlib.display`, :mod:`~shardlib.upstream` (the seed's choosers, for comparison),
+:mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
+two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
 from .backfill import backfill
 from .schema import SchemaDriftError
+from .outages import ShardUnavailable
+from .twophase import DecisionRefused, recover, recovery_task
 from .models import Base, Report, WeatherLocation, id_counter
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -77,3 +80,4 @@ __all__ = [
     "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
     "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "trace", "wrapped",
 ]
+__all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

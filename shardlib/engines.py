@@ -28,6 +28,7 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .ids import forget_allocations
+from .outages import name_outages
 from .shards import COUNTER_SHARD, SHARD_IDS
 
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -103,7 +104,10 @@ def make_engines(
         directory.mkdir(parents=True, exist_ok=True)
         urls = {s: f"sqlite+aiosqlite:///{directory / f'{s}.db'}" for s in SHARD_IDS}
     check_engines(urls)
-    return {shard: make_engine(urls[shard], **engine_kw) for shard in SHARD_IDS}
+    engines = {shard: make_engine(urls[shard], **engine_kw) for shard in SHARD_IDS}
+    for shard, engine in engines.items():
+        name_outages(engine, shard)  # a shard that is down fails fast, named (shardlib.outages)
+    return engines
 
 
 async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: int = 1) -> None:
@@ -132,8 +136,9 @@ def refuse_in_doubt_transactions(conn: Connection, shard: str) -> None:
     if gids:
         raise RuntimeError(
             f"{shard}: prepared (in-doubt) transactions {list(gids)} hold locks that "
-            f"DROP TABLE would wait for forever; finish each with COMMIT PREPARED 'gid' "
-            f"or ROLLBACK PREPARED 'gid' and call reset() again"
+            f"DROP TABLE would wait for forever; run await shardlib.recover(engines) (commits "
+            f"those whose decision is logged, rolls back the rest) or finish each with COMMIT "
+            f"PREPARED 'gid' or ROLLBACK PREPARED 'gid', and call reset() again"
         )
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, routing, schema, upstream
+from . import execution, routing, schema, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -286,7 +286,9 @@ def make_sessionmaker(
     one chooser (to experiment with your own). ``check_schema=False`` opens
     sessions even on shards whose schema revisions differ from the code's
     (:mod:`shardlib.schema`). Other keyword arguments go to
-    ``async_sessionmaker`` (e.g. ``twophase=True``).
+    ``async_sessionmaker`` (e.g. ``twophase=True``, whose decisions are logged
+    durably, on ``commit_log_engine=`` or the counter's shard: :mod:`shardlib.twophase`;
+    ``commit_log_engine=False`` leaves SQLAlchemy's two-phase commit alone, to compare).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -309,6 +311,9 @@ def make_sessionmaker(
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
     if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
         info[schema.CHECK_KEY] = False
+    commit_log_engine = kw.pop("commit_log_engine", None)
+    if kw.get("twophase") and commit_log_engine is not False:  # decisions logged (shardlib.twophase)
+        info["shardlib.commit_log"] = twophase.commit_log_for(engines, commit_log_engine)
     info.update(kw.pop("info", {}))
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
