@@ -22,18 +22,24 @@ Quick tour::
 Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
 layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
-:mod:`~shardlib.session`, :mod:`~shardlib.display` and
+:mod:`~shardlib.session`, :mod:`~shardlib.display`,
+:mod:`~shardlib.locking` (deadlock-free SQLite writers),
+:mod:`~shardlib.conflicts` (which errors are retryable),
+:mod:`~shardlib.retry` (``run_transaction``) and
 :mod:`~shardlib.upstream` (the seed's choosers, for comparison).
 """
 
 from __future__ import annotations
 
 from .bulk import bulk_insert
+from .conflicts import ShardConflict, ShardLockTimeout, is_retryable
 from .gather import gather
 from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows, show_shards, trace
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
+from .locking import take_write_ticket
 from .models import Base, Report, WeatherLocation, id_counter
+from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
 from .shards import (
@@ -49,9 +55,10 @@ from .shards import (
 
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "Base", "IdAllocator", "Report", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
+    "Base", "IdAllocator", "PartialCommitError", "Report", "ShardConflict", "ShardLockTimeout",
+    "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
     "bulk_insert", "check_engines", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
-    "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
-    "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
-    "shard_of", "shard_rows", "shards_for", "show_shards", "trace",
+    "is_retryable", "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
+    "routing_frame", "run_transaction", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
+    "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket", "trace",
 ]

@@ -35,7 +35,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import routing, upstream
+from . import locking, routing, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -176,6 +176,9 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     new.sort(key=lambda s: (shard_index[s], s.insert_order or 0))
     for position, state in enumerate(new):
         state.insert_order = position
+
+
+locking.install(ShardlibSession)  # SQLite write ticket around _before_flush (shardlib.locking)
 
 
 Routing = Literal["shardlib", "upstream"]
