@@ -350,16 +350,18 @@ def test_run_transaction_retries_a_lost_conflict_and_rolls_back_between_attempts
             calls.append(len(calls) + 1)
             if len(calls) == 2:
                 await blocker.rollback()  # the competing transaction finishes
-                await blocker.close()
             session.add(WeatherLocation("Europe", f"Paris {len(calls)}"))
             await session.flush()  # europe written, inside this attempt
             session.add(WeatherLocation("Asia", "Osaka"))
             await session.flush()  # asia: blocked on attempt 1
             return len(calls)
 
-        return await shardlib.run_transaction(world.Session, fn, backoff=0.01)
+        try:
+            return await shardlib.run_transaction(world.Session, fn, backoff=0.01)
+        finally:
+            await blocker.close()
 
-    assert world.run(go()) == 2
+    assert world.run(asyncio.wait_for(go(), timeout=60)) == 2  # a hang fails, not a slow run
     assert calls == [1, 2]
     check_final_rows(world.loop, world.engines, [("Europe", "Paris 2"), ("Asia", "Osaka")])
 
@@ -411,7 +413,7 @@ def test_run_transaction_gives_up_after_max_attempts(fast_world) -> None:
             await blocker.rollback()
             await blocker.close()
 
-    error = world.run(go())
+    error = world.run(asyncio.wait_for(go(), timeout=60))  # a hang fails, not a slow run
     assert len(calls) == 3
     assert error.shard == "europe" and "gave up after 3 attempts" in "".join(error.__notes__)
     check_final_rows(world.loop, world.engines, [])
