@@ -130,6 +130,7 @@ def make_engine(url: str, *, shard: str | None = None, lock_timeout: float | Non
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
+    engine.sync_engine.shardlib_lock_wait_s = wait_s  # type: ignore[attr-defined]  # read by locking
     name = shard or str(engine.url.database)
     install_error_names(engine.sync_engine, name, wait_s)
     watch_commits(engine.sync_engine, name)

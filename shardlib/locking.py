@@ -19,26 +19,26 @@ The rule
 The classic cure is to take locks in one global order. A session cannot know
 at its first flush which shards its later flushes will write, so shardlib
 uses the simplest global order there is: **every shardlib session takes one
-"write ticket" before its first write, and keeps it until its transaction
-ends**. The ticket is the write lock of the first SQLite shard in
-``SHARD_IDS`` order (``north_america``, which also holds the id counter),
-taken with::
+write ticket before its first write, and keeps it until its transaction
+ends**. The ticket is the write lock of one more SQLite file next to the
+first SQLite shard, ``write_ticket.db`` (``shard_data/write_ticket.db`` by
+default). It holds no data; a connection of the session's own takes it with
+``BEGIN IMMEDIATE`` (wait up to the busy timeout for the file's write lock)
+and gives it back, after the shards have committed or rolled back, by
+closing. A session holding the ticket never waits for another ticket
+holder's shard lock, because there is only one ticket holder; a session
+waiting for the ticket holds no write lock yet, so nobody waits for it. No
+cycle can form, in one process or across processes (the lock is the file's
+own lock).
 
-    BEGIN IMMEDIATE        -- on north_america: wait (busy timeout) for its write lock
+The ticket file is not a shard: ``shardlib.trace(engines)`` shows only the
+SQL the shards ran, exactly as before. To watch the ticket, trace its engine
+too: ``shardlib.trace({"ticket": shardlib.locking.ticket_engine(session.sync_session)})``.
 
-on the session's own connection to that shard. A session holding the ticket
-never waits for another ticket holder's shard lock, because there is only one
-ticket holder; a session waiting for the ticket holds no write lock yet, so
-nobody waits for it. No cycle can form, in one process or across processes
-(the lock is the file's own lock). Trace a first write and you will see it::
-
-    north_america  BEGIN IMMEDIATE
-    asia           INSERT INTO weather_locations ...
-
-The id counter (:mod:`shardlib.ids`) fits the same order: ids are allocated
-*before* the ticket is taken (a short transaction of the allocator's own,
-while the session holds no lock) or, once the session holds the ticket,
-inside the session's transaction on the very connection that holds it.
+The id counter (:mod:`shardlib.ids`) fits the same order: the ticket is
+taken before ids are allocated, so the counter's short transaction on
+``north_america`` (or the session's own connection there) only ever waits
+for a transaction that waits for nothing.
 
 The cost
 --------
@@ -50,13 +50,13 @@ and one GIL anyway; ``benchmarks/concurrent_writers.py`` measures it. Keep
 write transactions short: everything between the first flush and the commit
 holds the ticket. Database servers lock rows, not files, so on PostgreSQL no
 ticket is taken (:mod:`shardlib.conflicts` explains what ends a cross-shard
-deadlock there).
+deadlock there). In-memory SQLite shards take none either: every connection
+to ``:memory:`` is a database of its own, nobody else can lock it.
 
 What it covers, and what not
 ----------------------------
 * every flush that writes (ORM ``add``/change/``delete``, autoflush included),
-  and every ORM-enabled ``insert()``/``update()``/``delete()`` run through the
-  session;
+  and every ``insert()``/``update()``/``delete()`` run through the session;
 * **not** ``session.execute(text("INSERT ..."))``: a text statement does not
   say it writes. Take the ticket yourself first::
 
@@ -74,53 +74,72 @@ SQLite transactions begin at the first SELECT (e.g. ``BEGIN`` in a
 ``"begin"`` event, for repeatable reads), a read transaction must *upgrade*
 to write, and in WAL mode an upgrade never waits: if another connection
 committed since the snapshot began it fails at once with
-``SQLITE_BUSY_SNAPSHOT``. shardlib upgrades the ticket shard eagerly (a
-``DELETE ... WHERE 0`` that changes nothing) so that this happens at the
-ticket, in order, raising :class:`shardlib.ShardConflict`: the transaction
-read stale data and must run again, which :func:`shardlib.run_transaction`
-does.
+``SQLITE_BUSY_SNAPSHOT``, raised as :class:`shardlib.ShardConflict` naming
+the shard. The transaction read stale data and must run again, which
+:func:`shardlib.run_transaction` does. (Because an upgrade never waits, it
+can never be part of a deadlock either.)
 
 Switching it off
 ----------------
 ``make_sessionmaker(engines, info={"shardlib.write_ticket": False})`` makes
-sessions that take no ticket (notebooks use it to show the deadlock).
+sessions that take no ticket (to show the deadlock it prevents).
 """
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.pool import NullPool
 
-from .conflicts import ShardConflict
-from .models import WeatherLocation
+from .conflicts import ShardConflict, install_error_names
 from .shards import SHARD_IDS
 
 ENABLED_KEY = "shardlib.write_ticket"
 """``session.info`` key; ``False`` switches the write ticket off for that session."""
 
-_HELD = "shardlib.write_ticket_held"  # the root SessionTransaction holding the ticket
-_BEGUN = "shardlib.write_ticket_begun"  # engines this root transaction has connections to
+TICKET_FILE = "write_ticket.db"
+"""The ticket's file name, in the directory of the first SQLite shard."""
+
+DEFAULT_WAIT_S = 30.0
+"""Busy timeout for the ticket when the shard engine does not say (see engines.py)."""
+
+_HELD = "shardlib.write_ticket_held"  # (root SessionTransaction, ticket Connection)
+
+_ticket_engines: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 
 
-def ticket_shard(session: Session) -> str | None:
-    """The shard whose write lock is the ticket: the first SQLite shard, or ``None``."""
+def ticket_engine(session: Session) -> Engine | None:
+    """The engine of ``session``'s ticket file, or ``None`` when no ticket is needed
+    (no file-backed SQLite shard)."""
     for shard in SHARD_IDS:
-        if session.get_bind(shard_id=shard).dialect.name == "sqlite":
-            return shard
+        bind = session.get_bind(shard_id=shard)
+        if bind.dialect.name != "sqlite":
+            continue
+        database = bind.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        engine = _ticket_engines.get(bind)
+        if engine is None:
+            wait_s = float(getattr(bind, "shardlib_lock_wait_s", None) or DEFAULT_WAIT_S)
+            path = Path(database).resolve().with_name(TICKET_FILE)
+            # NullPool: closing the connection really closes it, releasing the lock
+            engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool,
+                                         connect_args={"timeout": wait_s})
+            install_error_names(engine.sync_engine, "write_ticket", wait_s)
+            _ticket_engines[bind] = engine
+        return engine.sync_engine
     return None
 
 
 def holds_write_ticket(session: Session) -> bool:
     """Does ``session``'s current transaction hold the write ticket?"""
     held = session.info.get(_HELD)
-    return held is not None and held is session.get_transaction()
-
-
-def _driver_in_transaction(connection: Any) -> bool:
-    driver = connection.connection.driver_connection  # aiosqlite or sqlite3 Connection
-    return bool(getattr(driver, "in_transaction", False))
+    return held is not None and held[0] is session.get_transaction()
 
 
 def take_write_ticket(session: Session) -> None:
@@ -128,32 +147,35 @@ def take_write_ticket(session: Session) -> None:
 
     Called by shardlib before a session's first write; call it yourself
     before writing with ``text()`` SQL: ``await session.run_sync(take_write_ticket)``.
-    Waits up to the ticket shard's busy timeout; raises
-    :class:`shardlib.ShardLockTimeout` (retryable) naming the shard if the
-    ticket stayed taken that long.
+    Waits up to the busy timeout; raises :class:`shardlib.ShardLockTimeout`
+    (retryable) if the ticket stayed taken that long.
     """
     if session.info.get(ENABLED_KEY) is False or holds_write_ticket(session):
         return
-    shard = ticket_shard(session)
-    if shard is None:  # no SQLite shard: servers lock rows, nothing to order
+    engine = ticket_engine(session)
+    if engine is None:  # servers lock rows; in-memory files are private
         return
-    connection = session.connection(bind_arguments={"shard_id": shard})
-    if _driver_in_transaction(connection):
-        # a read transaction (or a write shardlib did not see): upgrade it now;
-        # in WAL mode this never waits, it succeeds or fails at once
-        statement = f"DELETE FROM {WeatherLocation.__tablename__} WHERE 0"
-    else:
-        statement = "BEGIN IMMEDIATE"
+    transaction = session.get_transaction() or session.begin()
+    connection = engine.connect()
     try:
-        connection.exec_driver_sql(statement)
-    except ShardConflict as conflict:
-        conflict.add_detail(
-            f"while taking shardlib's SQLite write ticket ({statement} on {shard!r}): every "
-            f"shardlib session takes it before its first write, so that writers never "
-            f"deadlock across shards (see shardlib.locking)"
-        )
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException as error:
+        connection.close()
+        if isinstance(error, ShardConflict):
+            error.add_detail(
+                f"while taking shardlib's SQLite write ticket ({engine.url.database}): every "
+                f"shardlib session takes it before its first write, so that writers never "
+                f"deadlock across shards (see shardlib.locking)"
+            )
         raise
-    session.info[_HELD] = session.get_transaction()
+    session.info[_HELD] = (transaction, connection)
+
+
+def _release(session: Session) -> None:
+    held = session.info.pop(_HELD, None)
+    if held is not None:
+        connection: Connection = held[1]
+        connection.close()  # ends BEGIN IMMEDIATE (a rollback: it wrote nothing)
 
 
 def _flush_writes(session: Session) -> bool:
@@ -162,20 +184,8 @@ def _flush_writes(session: Session) -> bool:
     return any(session.is_modified(obj) for obj in session.dirty)
 
 
-def _ticket_shard_connected(session: Session) -> bool:
-    shard = ticket_shard(session)
-    return shard is not None and session.get_bind(shard_id=shard) in session.info.get(_BEGUN, ())
-
-
-def _before_id_allocation(session: Session, flush_context: Any, instances: Any) -> None:
-    """Runs before shardlib allocates ids. If the session already has a connection
-    to the ticket shard, ids will be taken on it: take the ticket there first."""
-    if _ticket_shard_connected(session) and _flush_writes(session):
-        take_write_ticket(session)
-
-
-def _before_flush_writes(session: Session, flush_context: Any, instances: Any) -> None:
-    """Runs after validation and id allocation, before the flush's first write."""
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    """First before_flush listener: take the ticket before ids are allocated."""
     if _flush_writes(session):
         take_write_ticket(session)
 
@@ -185,27 +195,19 @@ def _before_dml(state: ORMExecuteState) -> None:
         take_write_ticket(state.session)
 
 
-def _remember_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
-    session.info.setdefault(_BEGUN, set()).add(connection.engine)
-
-
-def _forget(session: Session, transaction: SessionTransaction) -> None:
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """The shards have committed or rolled back: give the ticket back."""
     if transaction.parent is None:
-        session.info.pop(_HELD, None)
-        session.info.pop(_BEGUN, None)
+        _release(session)
 
 
 def install(session_class: type[Session]) -> None:
-    """Make every session of ``session_class`` take the write ticket (see above).
-
-    Call after the class's own ``before_flush`` listener (which allocates ids)
-    is registered: one listener runs before it, one after.
-    """
-    event.listen(session_class, "before_flush", _before_id_allocation, insert=True)
-    event.listen(session_class, "before_flush", _before_flush_writes)
+    """Make every session of ``session_class`` take the write ticket (see above):
+    before every other ``before_flush`` listener, before ORM DML statements."""
+    event.listen(session_class, "before_flush", _before_flush, insert=True)
     event.listen(session_class, "do_orm_execute", _before_dml, insert=True)
-    event.listen(session_class, "after_begin", _remember_begin)
-    event.listen(session_class, "after_transaction_end", _forget)
+    event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 
-__all__ = ["ENABLED_KEY", "holds_write_ticket", "install", "take_write_ticket", "ticket_shard"]
+__all__ = ["ENABLED_KEY", "TICKET_FILE", "holds_write_ticket", "install", "take_write_ticket",
+           "ticket_engine"]

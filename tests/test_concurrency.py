@@ -10,6 +10,7 @@ holding the rows the writers reported as committed.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 import shardlib
+import shardlib.locking
 from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, ShardConflict, ShardLockTimeout, WeatherLocation
 
 from .conftest import Unsharded, World, on_postgres
@@ -182,32 +184,55 @@ def test_readers_then_writers_all_commit(world) -> None:
     check_final_rows(world.loop, world.engines, seeds + [row for r in results for row in r])
 
 
-def test_a_first_write_takes_the_ticket_first_and_reads_take_none(world) -> None:
-    """SQL observed through engine events: BEGIN IMMEDIATE on north_america before
-    the first write (SQLite); nothing extra for reads, nothing at all on servers."""
+def _ticket_is_taken(path: str) -> bool:
+    """Ask the ticket file itself, with the standard library: can I take its write lock now?"""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError as error:
+        assert "locked" in str(error)
+        return True
+    finally:
+        conn.close()
+
+
+def test_the_write_ticket_is_held_from_the_first_write_to_the_end_and_costs_the_shards_nothing(world) -> None:
+    """SQLite: the ticket file is locked from the first write (flush or DML) to the
+    commit or rollback, not by reads; the shards run exactly the SQL they ran
+    before (engine events); servers take no ticket at all."""
     sqlite = world.engines["north_america"].dialect.name == "sqlite"
+    ticket = os.path.join(os.path.dirname(world.engines["asia"].url.database or "."), shardlib.locking.TICKET_FILE)
+    from sqlalchemy import update
 
     async def go():
+        seen = {}
         async with world.Session() as session:
             with shardlib.trace(world.engines) as reads:
                 await session.execute(select(WeatherLocation).where(WeatherLocation.continent == "Asia"))
+            seen["after read"] = sqlite and _ticket_is_taken(ticket)
             session.add(WeatherLocation("Asia", "Tokyo"))
             with shardlib.trace(world.engines) as first:
                 await session.flush()
+            seen["after flush"] = sqlite and _ticket_is_taken(ticket)
             session.add(WeatherLocation("Europe", "Paris"))
-            with shardlib.trace(world.engines) as second:
-                await session.commit()
-        return reads, first, second
+            await session.commit()
+            seen["after commit"] = sqlite and _ticket_is_taken(ticket)
+        async with world.Session() as session:
+            await session.execute(update(WeatherLocation).where(WeatherLocation.continent == "Europe")
+                                  .values(city="PARIS"))
+            seen["after bulk update"] = sqlite and _ticket_is_taken(ticket)
+            await session.rollback()
+            seen["after rollback"] = sqlite and _ticket_is_taken(ticket)
+        return reads, first, seen
 
-    reads, first, second = world.run(go())
+    reads, first, seen = world.run(go())
     assert reads.shards() == ["asia"]
-    statements = [(r["shard"], r["sql"].split(" ")[0]) for r in first.records if "id_counter" not in r["sql"]]
-    if sqlite:
-        assert statements == [("north_america", "BEGIN"), ("asia", "INSERT")]
-        assert first.records[[r["sql"] for r in first.records].index("BEGIN IMMEDIATE")]["shard"] == "north_america"
-    else:
-        assert statements == [("asia", "INSERT")]
-    assert not [r for r in second.records if r["sql"].startswith("BEGIN")]  # held until the commit
+    assert [(r["shard"], r["sql"].split(" ")[0]) for r in first.records if "id_counter" not in r["sql"]] == [
+        ("asia", "INSERT")]
+    assert seen == {"after read": False, "after flush": sqlite, "after commit": False,
+                    "after bulk update": sqlite, "after rollback": False}
 
 
 # --------------------------------------------------------------------------- bounded waits, retryable errors
@@ -312,7 +337,7 @@ def test_a_cross_shard_deadlock_ends_with_a_retryable_error_then_run_transaction
     result = _run_guarded(scenario, seconds=60)
     if result == "HUNG":
         if on_postgres():
-            _end_hung_backends(shardlib.parse_urls(__import__("os").environ["SHARDLIB_URLS"]))
+            _end_hung_backends(shardlib.parse_urls(os.environ["SHARDLIB_URLS"]))
         pytest.fail("the cross-shard deadlock did not end within 60 s: no bounded lock wait")
     outcome, retried, attempts, rows = result
     timeouts = [r for r in outcome if isinstance(r, ShardLockTimeout)]
