@@ -200,7 +200,8 @@ def describe(shard: str, exc: DBAPIError, wait_s: float | None) -> ShardConflict
         what = "a table is locked by another connection sharing the cache (SQLITE_LOCKED)"
     else:
         return None
-    return cls(f"shard {shard!r}: {what}; {_RETRY_ADVICE}", shard=shard, code=code,
+    # the driver's own first line stays first (it is what people search for)
+    return cls(f"{exc.args[0]}\nshard {shard!r}: {what}; {_RETRY_ADVICE}", shard=shard, code=code,
                statement=exc.statement, params=exc.params, orig=exc.orig,
                hide_parameters=exc.hide_parameters)
 

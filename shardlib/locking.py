@@ -31,6 +31,13 @@ waiting for the ticket holds no write lock yet, so nobody waits for it. No
 cycle can form, in one process or across processes (the lock is the file's
 own lock).
 
+Inside one process, sessions first queue on an ``asyncio.Lock`` per ticket
+file and event loop, and only the head of the queue asks for the file lock.
+SQLite's own busy handler *polls* (it sleeps 1, 2, 5, ... up to 100 ms between
+attempts), so thirty sessions polling one file hand the lock over slowly and
+unfairly; the asyncio queue hands it over at once, in arrival order. The file
+lock still orders sessions of different processes.
+
 The ticket file is not a shard: ``shardlib.trace(engines)`` shows only the
 SQL the shards ran, exactly as before. To watch the ticket, trace its engine
 too: ``shardlib.trace({"ticket": shardlib.locking.ticket_engine(session.sync_session)})``.
@@ -62,6 +69,11 @@ What it covers, and what not
 
       await session.run_sync(shardlib.take_write_ticket)
 
+* two sessions writing at the same time *in one task* (flush in one, then
+  flush in the other before the first commits): the second waits for a
+  ticket that only the first's commit would give back, and fails after the
+  busy timeout with :class:`shardlib.ShardLockTimeout`. Commit one before
+  writing with the next (on one SQLite file this was always a deadlock);
 * :func:`shardlib.bulk_insert` takes no ticket and needs none: it holds one
   shard's lock at a time, so it can make others wait but never be part of a
   cycle.
@@ -87,6 +99,7 @@ sessions that take no ticket (to show the deadlock it prevents).
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from pathlib import Path
 from typing import Any
@@ -95,8 +108,9 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_only
 
-from .conflicts import ShardConflict, install_error_names
+from .conflicts import ShardConflict, ShardLockTimeout, install_error_names
 from .shards import SHARD_IDS
 
 ENABLED_KEY = "shardlib.write_ticket"
@@ -108,9 +122,55 @@ TICKET_FILE = "write_ticket.db"
 DEFAULT_WAIT_S = 30.0
 """Busy timeout for the ticket when the shard engine does not say (see engines.py)."""
 
-_HELD = "shardlib.write_ticket_held"  # (root SessionTransaction, ticket Connection)
+_HELD = "shardlib.write_ticket_held"  # _Held: transaction, connection, queue lock
 
 _ticket_engines: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _Held:
+    """What a session holds while it has the ticket; releases it exactly once,
+    also if the session is garbage-collected without being closed."""
+
+    def __init__(self, transaction: SessionTransaction, queue: asyncio.Lock | None) -> None:
+        self.transaction = transaction
+        self.queue = queue
+        self.connection: Connection | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def watch(self, session: Session) -> None:
+        if self.queue is not None:
+            loop = asyncio.get_running_loop()
+            self._finalizer = weakref.finalize(session, loop.call_soon_threadsafe, _unlock, self.queue)
+
+    def release(self) -> None:
+        try:
+            if self.connection is not None:
+                self.connection.close()  # ends BEGIN IMMEDIATE (a rollback: it wrote nothing)
+        finally:
+            self.connection = None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            if self.queue is not None:
+                _unlock(self.queue)
+                self.queue = None
+
+
+def _unlock(queue: asyncio.Lock) -> None:
+    if queue.locked():
+        queue.release()
+
+
+def _queue_for(engine: Engine) -> asyncio.Lock | None:
+    """This event loop's FIFO queue for ``engine``'s ticket, or ``None`` outside asyncio."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return _queues.setdefault(loop, {}).setdefault(str(engine.url.database), asyncio.Lock())
 
 
 def ticket_engine(session: Session) -> Engine | None:
@@ -130,6 +190,7 @@ def ticket_engine(session: Session) -> Engine | None:
             # NullPool: closing the connection really closes it, releasing the lock
             engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool,
                                          connect_args={"timeout": wait_s})
+            engine.sync_engine.shardlib_lock_wait_s = wait_s  # type: ignore[attr-defined]
             install_error_names(engine.sync_engine, "write_ticket", wait_s)
             _ticket_engines[bind] = engine
         return engine.sync_engine
@@ -139,7 +200,7 @@ def ticket_engine(session: Session) -> Engine | None:
 def holds_write_ticket(session: Session) -> bool:
     """Does ``session``'s current transaction hold the write ticket?"""
     held = session.info.get(_HELD)
-    return held is not None and held[0] is session.get_transaction()
+    return held is not None and held.transaction is session.get_transaction()
 
 
 def take_write_ticket(session: Session) -> None:
@@ -155,27 +216,38 @@ def take_write_ticket(session: Session) -> None:
     engine = ticket_engine(session)
     if engine is None:  # servers lock rows; in-memory files are private
         return
-    transaction = session.get_transaction() or session.begin()
-    connection = engine.connect()
+    _release(session)  # a ticket left from an earlier transaction (should not happen)
+    wait_s = float(getattr(engine, "shardlib_lock_wait_s", DEFAULT_WAIT_S))
+    why = (f"while taking shardlib's SQLite write ticket ({engine.url.database}): every "
+           f"shardlib session takes it before its first write, so that writers never "
+           f"deadlock across shards (see shardlib.locking)")
+    held = _Held(session.get_transaction() or session.begin(), _queue_for(engine))
     try:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if held.queue is not None:  # first in line in this process ...
+            try:
+                await_only(asyncio.wait_for(held.queue.acquire(), wait_s))
+            except TimeoutError:
+                held.queue = None  # never acquired
+                raise ShardLockTimeout(
+                    f"the write ticket stayed taken by another session of this process for "
+                    f"{wait_s:g} s\n{why}; the transaction is safe to run again "
+                    f"(shardlib.run_transaction)", shard="write_ticket", code="TICKET_TIMEOUT",
+                    statement=None, params=None, orig=TimeoutError()) from None
+            held.watch(session)
+        held.connection = engine.connect()  # ... then first among processes
+        held.connection.exec_driver_sql("BEGIN IMMEDIATE")
     except BaseException as error:
-        connection.close()
-        if isinstance(error, ShardConflict):
-            error.add_detail(
-                f"while taking shardlib's SQLite write ticket ({engine.url.database}): every "
-                f"shardlib session takes it before its first write, so that writers never "
-                f"deadlock across shards (see shardlib.locking)"
-            )
+        held.release()
+        if isinstance(error, ShardConflict) and error.db_code != "TICKET_TIMEOUT":
+            error.add_detail(why)
         raise
-    session.info[_HELD] = (transaction, connection)
+    session.info[_HELD] = held
 
 
 def _release(session: Session) -> None:
     held = session.info.pop(_HELD, None)
     if held is not None:
-        connection: Connection = held[1]
-        connection.close()  # ends BEGIN IMMEDIATE (a rollback: it wrote nothing)
+        held.release()
 
 
 def _flush_writes(session: Session) -> bool:
