@@ -235,6 +235,86 @@ def test_the_write_ticket_is_held_from_the_first_write_to_the_end_and_costs_the_
                     "after bulk update": sqlite, "after rollback": False}
 
 
+def test_opposite_order_bulk_updates_and_deletes_commit_on_sqlite(world) -> None:
+    """ORM-enabled UPDATE/DELETE through the session take the ticket too (they are
+    not flushes): two sessions updating asia and europe in opposite order, each
+    waiting briefly for the other, both commit."""
+    sqlite_only(world)
+    from sqlalchemy import delete, update
+
+    async def one(first: str, second: str, mine: asyncio.Event, other: asyncio.Event) -> None:
+        async with world.Session() as session:
+            await session.execute(update(WeatherLocation)
+                                  .where(WeatherLocation.continent == first, ~WeatherLocation.city.startswith("gone"))
+                                  .values(city=func.upper(WeatherLocation.city)))
+            mine.set()
+            try:
+                await asyncio.wait_for(other.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            await session.execute(delete(WeatherLocation).where(WeatherLocation.city == f"gone {second}"))
+            await session.commit()
+
+    async def go():
+        async with world.Session() as session:
+            session.add_all([WeatherLocation("Asia", "tokyo"), WeatherLocation("Europe", "paris"),
+                             WeatherLocation("Asia", "gone Asia"), WeatherLocation("Europe", "gone Europe")])
+            await session.commit()
+        a, b = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(one("Asia", "Europe", a, b), one("Europe", "Asia", b, a),
+                                    return_exceptions=True)
+
+    results = world.run(go())
+    assert results == [None, None], results
+    check_final_rows(world.loop, world.engines, [("Asia", "TOKYO"), ("Europe", "PARIS")])
+
+
+def test_a_second_writing_session_in_the_same_task_times_out_clearly(fast_world) -> None:
+    """The documented limit: the ticket is held until commit, so a second session
+    that writes before the first commits waits, then gets a retryable error."""
+    world = fast_world
+    sqlite_only(world)
+
+    async def go():
+        async with world.Session() as first, world.Session() as second:
+            first.add(WeatherLocation("Asia", "Tokyo"))
+            await first.flush()
+            second.add(WeatherLocation("Europe", "Paris"))
+            with pytest.raises(ShardLockTimeout) as info:
+                await second.flush()
+            await second.rollback()
+            await first.commit()
+            second.add(WeatherLocation("Europe", "Paris"))  # now the ticket is free
+            await second.commit()
+        return info.value
+
+    error = world.run(asyncio.wait_for(go(), timeout=60))
+    assert error.shard == "write_ticket" and "write ticket" in str(error) and shardlib.is_retryable(error)
+    check_final_rows(world.loop, world.engines, [("Asia", "Tokyo"), ("Europe", "Paris")])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # SQLAlchemy: "non-checked-in connection"
+def test_a_session_dropped_without_closing_gives_the_ticket_back(fast_world) -> None:
+    import gc
+
+    world = fast_world
+    sqlite_only(world)
+
+    async def go():
+        abandoned = world.Session()
+        abandoned.add(WeatherLocation("Asia", "Tokyo"))
+        await abandoned.flush()  # holds the ticket ...
+        del abandoned  # ... and is dropped without commit, rollback or close
+        gc.collect()
+        await asyncio.sleep(0)
+        async with world.Session() as session:
+            session.add(WeatherLocation("Europe", "Paris"))
+            await session.commit()
+
+    world.run(asyncio.wait_for(go(), timeout=60))
+    check_final_rows(world.loop, world.engines, [("Europe", "Paris")])
+
+
 # --------------------------------------------------------------------------- bounded waits, retryable errors
 
 async def _deadlock_pair(Session, rows: dict[str, int]) -> list[Any]:
