@@ -83,7 +83,7 @@ async def main(args: argparse.Namespace) -> None:
                 elapsed, failed = min(runs)
                 row[ticket] = ((writers - failed) / elapsed, max(f for _, f in runs))
             (off, off_failed), (on, on_failed) = row[False], row[True]
-            ratio = f"{on / off:5.2f}x" if off else "  -  "
+            ratio = f"{on / off:5.2f}x" if off_failed == on_failed == 0 else "  -  "  # only like for like
             print(f"{workload:<11} {writers:>7} | {off:>21.0f} {off_failed:>6} | {on:>20.0f} {on_failed:>6} | {ratio}")
     print(f"(best of {args.repeat}; failed = most failures in one run; "
           f"lock wait {args.lock_timeout:g} s; file-backed SQLite, WAL)")
