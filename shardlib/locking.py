@@ -143,7 +143,7 @@ class _Held:
     def watch(self, session: Session) -> None:
         if self.queue is not None:
             loop = asyncio.get_running_loop()
-            self._finalizer = weakref.finalize(session, loop.call_soon_threadsafe, _unlock, self.queue)
+            self._finalizer = weakref.finalize(session, _unlock_soon, loop, self.queue)
 
     def release(self) -> None:
         try:
@@ -162,6 +162,14 @@ class _Held:
 def _unlock(queue: asyncio.Lock) -> None:
     if queue.locked():
         queue.release()
+
+
+def _unlock_soon(loop: asyncio.AbstractEventLoop, queue: asyncio.Lock) -> None:
+    """From a garbage collection, which may run in any thread: unlock on the loop."""
+    try:
+        loop.call_soon_threadsafe(_unlock, queue)
+    except RuntimeError:  # the loop is closed: nobody is left to wait on this queue
+        pass
 
 
 def _queue_for(engine: Engine) -> asyncio.Lock | None:
