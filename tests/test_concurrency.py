@@ -432,6 +432,53 @@ def test_a_cross_shard_deadlock_ends_with_a_retryable_error_then_run_transaction
     assert len(rows["asia"]) == len(rows["europe"]) == 1
 
 
+def test_opposite_order_updates_on_one_shard(world) -> None:
+    """Both rows on asia, locked in opposite order. SQLite: the ticket orders the
+    two sessions, both commit. PostgreSQL: one server sees the whole cycle and
+    its deadlock detector ends it (40P01), raised as ShardConflict naming asia;
+    run_transaction then commits both."""
+    from sqlalchemy import update
+
+    async def go():
+        async with world.Session() as session:
+            tokyo, osaka = WeatherLocation("Asia", "Tokyo"), WeatherLocation("Asia", "Osaka")
+            session.add_all([tokyo, osaka])
+            await session.commit()
+        ids = {"Tokyo": tokyo.id, "Osaka": osaka.id}
+
+        async def one(first, second, mine, other, session):
+            await session.execute(update(WeatherLocation).where(WeatherLocation.id == ids[first]).values(city=first.upper()))
+            mine.set()
+            try:
+                await asyncio.wait_for(other.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            await session.execute(update(WeatherLocation).where(WeatherLocation.id == ids[second]).values(city=second.upper()))
+
+        async def plain(first, second, mine, other):
+            async with world.Session() as session:
+                await one(first, second, mine, other, session)
+                await session.commit()
+
+        a, b = asyncio.Event(), asyncio.Event()
+        outcome = await asyncio.gather(plain("Tokyo", "Osaka", a, b), plain("Osaka", "Tokyo", b, a),
+                                       return_exceptions=True)
+        c, d = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(
+            shardlib.run_transaction(world.Session, lambda s: one("Tokyo", "Osaka", c, d, s), backoff=0.05),
+            shardlib.run_transaction(world.Session, lambda s: one("Osaka", "Tokyo", d, c, s), backoff=0.05))
+        return outcome
+
+    outcome = world.run(asyncio.wait_for(go(), timeout=120))
+    if world.engines["asia"].dialect.name == "sqlite":
+        assert outcome == [None, None], outcome
+    else:
+        conflicts = [r for r in outcome if isinstance(r, ShardConflict)]
+        assert conflicts and all(r is None or isinstance(r, ShardConflict) for r in outcome), outcome
+        assert all(c.shard == "asia" and c.db_code == "40P01" and "shard 'asia'" in str(c) for c in conflicts)
+    check_final_rows(world.loop, world.engines, [("Asia", "TOKYO"), ("Asia", "OSAKA")])
+
+
 # --------------------------------------------------------------------------- run_transaction
 
 async def _hold_lock_on(engines, shard: str):
