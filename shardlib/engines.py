@@ -46,8 +46,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .conflicts import install_error_names
 from .ids import forget_allocations
-from .retry import watch_commits
 from .models import Base, counter_metadata, id_counter
+from .retry import watch_commits
 from .shards import COUNTER_SHARD, SHARD_IDS
 
 SQLITE_BUSY_TIMEOUT_S = 30

@@ -479,6 +479,34 @@ def test_opposite_order_updates_on_one_shard(world) -> None:
     check_final_rows(world.loop, world.engines, [("Asia", "TOKYO"), ("Asia", "OSAKA")])
 
 
+def test_lock_timeout_reaches_every_connection(tmp_path, loop) -> None:
+    """Asked of the database itself: PRAGMA busy_timeout / SHOW lock_timeout."""
+
+    async def settings(**kw):
+        engines = shardlib.make_engines(data_dir=str(tmp_path / "shards"), **kw)
+        try:
+            found = {}
+            for shard, engine in engines.items():
+                async with engine.connect() as conn:
+                    if conn.dialect.name == "sqlite":
+                        found[shard] = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
+                    else:
+                        found[shard] = (await conn.exec_driver_sql("SHOW lock_timeout")).scalar_one()
+            return engines["asia"].dialect.name, found
+        finally:
+            await shardlib.dispose(engines)
+
+    dialect, chosen = loop.run_until_complete(settings(lock_timeout=0.25))
+    _, default = loop.run_until_complete(settings())
+    if dialect == "sqlite":
+        assert chosen == dict.fromkeys(SHARD_IDS, 250) and default == dict.fromkeys(SHARD_IDS, 30_000)
+    else:
+        assert chosen == dict.fromkeys(SHARD_IDS, "250ms") and default == dict.fromkeys(SHARD_IDS, "10s")
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match=f"lock_timeout must be a number of seconds >= 0, got {bad!r}"):
+            shardlib.make_engines(data_dir=str(tmp_path / "shards"), lock_timeout=bad)
+
+
 # --------------------------------------------------------------------------- run_transaction
 
 async def _hold_lock_on(engines, shard: str):
