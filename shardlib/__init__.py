@@ -34,7 +34,9 @@ from __future__ import annotations
 from .bulk import bulk_insert
 from .conflicts import ShardConflict, ShardLockTimeout, is_retryable
 from .gather import gather
-from .display import ShardTables, Trace, routing_frame, shard_frames, shard_rows, show_shards, trace
+from .display import ShardTables, Trace, WrappedFrame, routing_frame, shard_frames, shard_rows, show_shards, trace, wrapped
+from .execution import CONCATENATE, CrossShardRefused
+from .exercises import check_answer, is_unanswered, shard_list
 from .engines import check_engines, dispose, make_engines, parse_urls, reset
 from .ids import IdAllocator
 from .locking import take_write_ticket
@@ -55,10 +57,11 @@ from .shards import (
 
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
-    "Base", "IdAllocator", "PartialCommitError", "Report", "ShardConflict", "ShardLockTimeout",
-    "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
-    "bulk_insert", "check_engines", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
+    "CONCATENATE", "CrossShardRefused", "Base", "IdAllocator", "PartialCommitError", "Report",
+    "ShardConflict", "ShardLockTimeout", "ShardTables", "ShardlibSession", "Trace",
+    "WeatherLocation", "WrappedFrame",
+    "bulk_insert", "check_answer", "check_engines", "is_unanswered", "dispose", "gather", "execute_chooser", "id_counter", "identity_chooser",
     "is_retryable", "make_engines", "make_id", "make_sessionmaker", "move_location", "parse_urls", "reset",
     "routing_frame", "run_transaction", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
-    "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket", "trace",
+    "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket", "trace", "wrapped",
 ]

@@ -49,10 +49,19 @@ LOCATION_COLUMNS = ("id", "continent", "city")
 REPORT_COLUMNS = ("location_id", "temperature", "report_time")
 
 
+def _check_mapping(number: int, row: Any, columns: Sequence[str]) -> None:
+    if not isinstance(row, Mapping):
+        raise ValueError(
+            f"row {number} is a {type(row).__name__} ({row!r}); bulk_insert takes dicts with "
+            f"the keys {', '.join(map(repr, columns))}, e.g. dict(zip({tuple(columns)!r}, row))"
+        )
+
+
 def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
     """Validate and route every row first; ``(continent, city)`` per shard."""
     routed: dict[str, list[tuple[Any, ...]]] = {s: [] for s in SHARD_IDS}
     for number, row in enumerate(rows):
+        _check_mapping(number, row, LOCATION_COLUMNS[1:])
         try:
             continent, city = row["continent"], row["city"]
         except KeyError as missing:
@@ -69,6 +78,7 @@ def _route_reports(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[An
     routed: dict[str, list[tuple[Any, ...]]] = {s: [] for s in SHARD_IDS}
     now = datetime.datetime.now()
     for number, row in enumerate(rows):
+        _check_mapping(number, row, REPORT_COLUMNS)
         shard = shard_for_id(row.get("location_id"))
         if shard is None:
             raise ValueError(
@@ -113,6 +123,18 @@ async def _write_shard(engine: AsyncEngine, table: Any, columns: Sequence[str],
             await conn.exec_driver_sql(sql, batch)
             if bar is not None:
                 bar.update(len(batch))
+
+
+class BulkInsertError(RuntimeError):
+    """A shard's write failed; it names the shard. Shards written before it stay written:
+    each shard commits its own transaction (there is no cross-shard atomicity here)."""
+
+    def __init__(self, shard: str, error: BaseException) -> None:
+        self.shard, self.error = shard, error
+        super().__init__(
+            f"bulk_insert failed on shard {shard!r}: {type(error).__name__}: {error}. Each shard "
+            f"commits on its own: shards written before {shard!r} keep their rows"
+        )
 
 
 async def bulk_insert(
@@ -162,15 +184,24 @@ async def bulk_insert(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=f"bulk_insert {model.__tablename__}", unit="rows")
+    async def write(shard: str) -> None:
+        try:
+            await _write_shard(engines[shard], model.__table__, columns, routed[shard], batch_size, bar)
+        except Exception as error:
+            raise BulkInsertError(shard, error) from error
+
     try:
-        writes = [_write_shard(engines[s], model.__table__, columns, routed[s], batch_size, bar) for s in SHARD_IDS]
         if concurrent is None:  # servers: overlap the round trips; SQLite: share one CPU and GIL
             concurrent = any(engine.dialect.name != "sqlite" for engine in engines.values())
-        if concurrent:
-            await asyncio.gather(*writes)
-        else:
-            for write in writes:
-                await write
+        if concurrent:  # the first failure cancels the other shards' writes (and rolls them back)
+            async with asyncio.TaskGroup() as group:
+                for shard in SHARD_IDS:
+                    group.create_task(write(shard))
+        else:  # one coroutine at a time: a failure leaves none un-awaited
+            for shard in SHARD_IDS:
+                await write(shard)
+    except* BulkInsertError as failed:
+        raise failed.exceptions[0] from None
     finally:
         if bar is not None:
             bar.close()

@@ -6,8 +6,16 @@ In a notebook::
 
     with trace(engines) as t:
         await session.execute(select(WeatherLocation).where(...))
-    t.frame()                                            # shard | sql | params
-    t.shards()                                           # ['asia']
+    t.frame()                     # one row per statement: shards | sql | params
+    t.frame(per_shard=True)       # one row per shard and statement: shard | sql | params
+    t.shards()                    # ['asia']
+
+``ShardedSession`` runs a statement that needs several shards once on each,
+one after another, with the same SQL and the same parameters. ``t.frame()``
+folds such a run into one row that lists the shards, so a four-shard SELECT
+reads as one statement, not four copies of it. The SQL is shown whole (never
+cut at pandas' 50 characters) and wraps inside its cell instead of widening
+the table; :func:`wrapped` gives any DataFrame the same rendering.
 """
 
 from __future__ import annotations
@@ -38,16 +46,104 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_CELL = "text-align: left; vertical-align: top; white-space: pre-wrap; overflow-wrap: anywhere"
+
+
+class WrappedFrame(pd.DataFrame):
+    """A DataFrame that shows every cell whole and wraps long text instead of widening.
+
+    pandas cuts cells at ``display.max_colwidth`` (50 characters) by default,
+    and with ``max_colwidth=None`` a long SQL statement makes a table many
+    screens wide. This frame's HTML gives each cell ``white-space: pre-wrap``
+    (long text wraps at spaces, inside the notebook's width) and its plain-text
+    form never truncates. Everything else is an ordinary DataFrame; frames
+    derived from it (filters, sorts) keep the rendering.
+    """
+
+    _metadata: list[str] = []
+
+    @property
+    def _constructor(self) -> type[WrappedFrame]:
+        return WrappedFrame
+
+    def _repr_html_(self) -> str:
+        index_name = html.escape(str(self.index.name)) if self.index.name is not None else ""
+        head = "".join(f'<th style="text-align: left">{html.escape(str(c))}</th>' for c in self.columns)
+        rows = []
+        for label, values in zip(self.index, self.itertuples(index=False, name=None)):
+            cells = "".join(f'<td style="{_CELL}">{html.escape(_cell_text(v))}</td>' for v in values)
+            rows.append(f"<tr><th>{html.escape(str(label))}</th>{cells}</tr>")
+        return (
+            '<table class="dataframe shardlib-wrapped" style="table-layout: auto; max-width: 100%">'
+            f"<thead><tr><th>{index_name}</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        return pd.DataFrame(self).to_string()  # to_string() never cuts cells (unlike repr)
+
+
+def _cell_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # parameters that cannot be compared are taken as different
+        return False
+
+
+def wrapped(frame: pd.DataFrame) -> WrappedFrame:
+    """``frame`` rendered whole and wrapped (see :class:`WrappedFrame`): keeps wide tables narrow."""
+    return WrappedFrame(frame)
+
+
 @dataclass
 class Trace:
     """SQL statements recorded per shard while a :func:`trace` block was open."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def frame(self, params: bool = True) -> pd.DataFrame:
-        """One row per statement: ``shard``, ``sql`` (one line) and ``params``."""
-        columns = ["shard", "sql", "params"] if params else ["shard", "sql"]
-        return pd.DataFrame([{k: r[k] for k in columns} for r in self.records], columns=columns)
+    def frame(self, params: bool = True, per_shard: bool = False) -> WrappedFrame:
+        """The recorded SQL as a table, one row per statement execution.
+
+        Columns ``shards`` (the shards that ran it, in the order they ran),
+        ``sql`` (whole, on one line) and ``params``. Consecutive records with
+        the same SQL and parameters on different shards are one execution of
+        a statement on several shards, and become one row. The same statement
+        run again on a shard that is already in the row starts a new row, so
+        nothing that really ran twice is hidden.
+
+        ``per_shard=True`` gives the raw records instead: one row per shard
+        and statement, column ``shard``.
+        """
+        if per_shard:
+            columns = ["shard", "sql", "params"] if params else ["shard", "sql"]
+            return WrappedFrame([{k: r[k] for k in columns} for r in self.records], columns=columns)
+        columns = ["shards", "sql", "params"] if params else ["shards", "sql"]
+        rows = [
+            {"shards": ", ".join(group["shards"]), "sql": group["sql"], "params": group["params"]}
+            for group in self.statements()
+        ]
+        return WrappedFrame([{k: row[k] for k in columns} for row in rows], columns=columns)
+
+    def statements(self) -> list[dict[str, Any]]:
+        """The records folded into statement executions: ``shards`` (a list), ``sql``, ``params``."""
+        groups: list[dict[str, Any]] = []
+        for record in self.records:
+            last = groups[-1] if groups else None
+            if (
+                last is not None
+                and last["sql"] == record["sql"]
+                and _same(last["raw_params"], record["raw_params"])
+                and record["shard"] not in last["shards"]
+            ):
+                last["shards"].append(record["shard"])
+            else:
+                groups.append({"shards": [record["shard"]], "sql": record["sql"], "params": record["params"],
+                               "raw_params": record["raw_params"]})
+        return groups
 
     def shards(self) -> list[str]:
         """Shards that ran at least one statement, in ``SHARD_IDS`` order."""
@@ -156,7 +252,7 @@ async def show_shards(engines: Mapping[str, AsyncEngine], table: str = "weather_
     return ShardTables(table, await shard_frames(engines, table))
 
 
-def routing_frame(statements: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def routing_frame(statements: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> WrappedFrame:
     """A table of labelled statements and the shards :func:`shards_for` picks.
 
     One column per shard with a check mark, so the narrowing is visible at a glance.
@@ -167,7 +263,7 @@ def routing_frame(statements: Mapping[str, Any], params: Mapping[str, Any] | Non
     for label, statement in statements.items():
         chosen = shards_for(statement, params)
         rows.append({"query": label, **{s: ("✓" if s in chosen else "") for s in SHARD_IDS}})
-    return pd.DataFrame(rows, columns=["query", *SHARD_IDS])
+    return WrappedFrame(rows, columns=["query", *SHARD_IDS])
 
 
 def shard_rows(frames: Mapping[str, pd.DataFrame]) -> pd.Series:
@@ -175,4 +271,4 @@ def shard_rows(frames: Mapping[str, pd.DataFrame]) -> pd.Series:
     return pd.Series({s: len(f) for s, f in frames.items()}, name="rows")
 
 
-__all__: Sequence[str] = ["Trace", "trace", "shard_frames", "show_shards", "ShardTables", "routing_frame", "shard_rows"]
+__all__: Sequence[str] = ["Trace", "WrappedFrame", "wrapped", "trace", "shard_frames", "show_shards", "ShardTables", "routing_frame", "shard_rows"]

@@ -97,6 +97,46 @@ class IdAllocator:
         self._cached.append(range(start + need, start + size))
         return taken + list(range(start, start + need))
 
+    def reserve(self, numbers: list[int], own_connection: Connection | None = None) -> None:
+        """Record explicitly chosen sequence numbers, so the counter never hands them out.
+
+        The counter moves past the largest one (``next_value = max(next_value,
+        n + 1)``), and this process's cached blocks forget them. A number below
+        the counter may still sit, unused, in *another* process's cached block;
+        if that process later hands it out on the same shard, the primary key
+        refuses the row (an ``IntegrityError``, never a silent duplicate).
+        """
+        if not numbers:
+            return
+        wanted = set(numbers)
+        self._cached = deque(
+            part for block in self._cached for part in _without(block, wanted)
+        )
+        highest = max(numbers)
+        statement = (
+            update(id_counter)
+            .where(id_counter.c.next_value <= highest)
+            .values(next_value=highest + 1)
+        )
+        if own_connection is not None:
+            own_connection.execute(statement)
+        else:
+            with self.engine.begin() as connection:
+                connection.execute(statement)
+
+
+def _without(block: range, numbers: set[int]) -> list[range]:
+    """``block`` with ``numbers`` cut out, as contiguous ranges."""
+    cuts = sorted(n for n in numbers if n in block)
+    parts, start = [], block.start
+    for n in cuts:
+        if n > start:
+            parts.append(range(start, n))
+        start = n + 1
+    if start < block.stop:
+        parts.append(range(start, block.stop))
+    return parts
+
 
 _allocators: weakref.WeakKeyDictionary[Engine, IdAllocator] = weakref.WeakKeyDictionary()
 

@@ -20,6 +20,7 @@ a lazy relationship can be awaited instead of raising::
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
 from sqlalchemy.ext.asyncio import AsyncAttrs
@@ -83,6 +84,15 @@ class Report(Base):
             f"temperature={self.temperature!r})"
         )
 
+
+SHARD_KEY_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
+    ("continent", WeatherLocation.__table__.c.continent),
+    ("location_id", WeatherLocation.__table__.c.id),
+    ("location_id", Report.__table__.c.location_id),
+)
+"""What routing reads from the schema: the shard key (``continent``, looked up in
+the shard map) and the columns holding a location id (which names its shard).
+Reports have no continent: they are stored with their location."""
 
 counter_metadata = MetaData()
 """Metadata for tables that live on :data:`~shardlib.shards.COUNTER_SHARD` only."""

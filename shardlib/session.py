@@ -25,21 +25,24 @@ Before every flush, :class:`ShardlibSession`
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import locking, routing, upstream
+from . import execution, locking, routing, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
-from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
+from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
 
 GC_PAUSE_MIN_OBJECTS = 1000
 """Batches of at least this many objects pause the cyclic GC (see ``_gc_paused_for``)."""
@@ -69,7 +72,15 @@ def _gc_paused_for(object_count: int) -> Iterator[None]:
 
 
 class ShardlibSession(ShardedSession):
-    """A ``ShardedSession`` that allocates global ids and validates before flushing."""
+    """A ``ShardedSession`` that allocates global ids, validates before flushing, guards
+    every write path and answers multi-shard statements exactly or refuses
+    (:mod:`shardlib.execution`)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # ShardedSession concatenates; shardlib's hook merges exactly or refuses
+        event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
+        event.listen(self, "do_orm_execute", execution.execute, retval=True)
 
     def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
                  clause: Any = None, **kw: Any) -> Any:
@@ -82,6 +93,20 @@ class ShardlibSession(ShardedSession):
         if shard_id is not None:
             check_shard_id(shard_id)
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
+
+    def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
+        """``Session.get``; a primary key found on several shards names them."""
+        try:
+            return super().get(entity, ident, **kw)
+        except MultipleResultsFound:
+            kw.pop("identity_token", None)
+            found = [s for s in SHARD_IDS if ShardedSession.get(self, entity, ident, identity_token=s, **kw) is not None]
+            raise MultipleResultsFound(
+                f"{getattr(entity, '__name__', entity)} {ident!r} exists on {len(found)} shards "
+                f"({', '.join(map(repr, found))}): its ids are shard-local. Ask one shard with "
+                f"session.get({getattr(entity, '__name__', entity)}, {ident!r}, identity_token=...) "
+                f"with one of {', '.join(map(repr, found))}, or select it through its location"
+            ) from None
 
     def add_all(self, instances: Any) -> None:
         """Add many objects; as in :meth:`flush`, a big batch pauses the cyclic GC."""
@@ -124,16 +149,97 @@ def _forget_connections(session: Session, transaction: SessionTransaction) -> No
         session.info.pop(_CONNECTIONS, None)
 
 
+_ALLOCATED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+"""Objects whose id shardlib allocated, and that id (to re-allocate after a rollback)."""
+
+
+def _counter_connection(session: Session) -> Any:
+    """The session's own connection to the counter's database when it must be used.
+
+    SQLite locks the whole file: if this session already holds the counter's
+    shard in its transaction, a second connection would wait for it forever
+    (see shardlib.ids). Servers lock rows: the allocator's own short
+    transaction is always safe there.
+    """
+    allocator = _allocator(session)
+    if allocator.engine.dialect.name == "sqlite" and allocator.engine in session.info.get(_CONNECTED, ()):
+        return session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
+    return None
+
+
+def _allocator(session: Session) -> Any:
+    allocator = session.info.get("shardlib.allocator")
+    if allocator is None:
+        raise RuntimeError("session was not made by shardlib.make_sessionmaker()")
+    return allocator
+
+
+def allocate_ids(session: Session, count: int) -> list[int]:
+    """``count`` fresh global sequence numbers for this session (one counter statement at most)."""
+    return _allocator(session).allocate(count, own_connection=_counter_connection(session))
+
+
+def reserve_ids(session: Session, numbers: list[int]) -> None:
+    """Record explicit sequence numbers in the counter (see ``IdAllocator.reserve``)."""
+    _allocator(session).reserve(numbers, own_connection=_counter_connection(session))
+
+
+def _check_stays_on_its_shard(obj: Any) -> None:
+    """A stored row cannot change shard by UPDATE: refuse before any SQL."""
+    state = inspect(obj)
+    if state.key is None:
+        return
+    stored_on = state.key[2]
+    if isinstance(obj, WeatherLocation):
+        new_id = state.dict.get("id", state.key[1][0])
+        if new_id != state.key[1][0]:
+            raise ValueError(
+                f"{obj!r} is stored on {stored_on!r} under id {state.key[1][0]}; its id cannot "
+                f"change (an id names its shard, and get() looks for it there). Use "
+                f"await shardlib.move_location(session, location, continent) to re-home it"
+            )
+        if "continent" not in state.dict:
+            return
+        wanted = shard_for_continent(obj.continent)
+        if wanted != stored_on:
+            raise ValueError(
+                f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
+                f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
+                f"await shardlib.move_location(session, location, {obj.continent!r})"
+            )
+    elif isinstance(obj, Report):
+        # only a changed parent matters; history is read without loading anything
+        moved_to = [loc for loc in state.attrs.location.history.added if loc is not None]
+        if moved_to:
+            location, wanted = moved_to[0], routing.shard_of(moved_to[0])
+        elif state.attrs.location_id.history.added:
+            location, wanted = obj.location_id, shard_for_id(obj.location_id)
+        else:
+            return
+        if wanted != stored_on:
+            raise ValueError(
+                f"{obj!r} is stored on {stored_on!r} with its old location; its new location "
+                f"{location!r} is stored on {wanted!r}. A report lives on its location's shard, "
+                f"so it cannot be re-pointed across shards: delete it and add a new Report to "
+                f"the new location's reports"
+            )
+
+
 @event.listens_for(ShardlibSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     new = [instance_state(o) for o in session.new]
     shard_index: dict[Any, int] = {}
     needs_id = []
+    explicit: list[int] = []
     for state in new:  # 1. validate everything first: nothing is written on error
         obj = state.obj()
         shard = routing.shard_of(obj, state)
         if isinstance(obj, WeatherLocation):
             location_id = state.dict.get("id")
+            if location_id is not None and _ALLOCATED.get(obj) == location_id:
+                # shardlib gave this id in a flush that was rolled back: the counter may
+                # hand the number out again (SQLite in-session allocation), so take a new one
+                location_id = state.dict["id"] = None
             if location_id is None:
                 needs_id.append(state)
             elif shard_for_id(location_id) != shard:
@@ -142,37 +248,24 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                     f"continent {obj.continent!r} is stored on {shard!r}; leave id unset "
                     f"and shardlib will allocate one"
                 )
+            else:
+                explicit.append(location_id)
         shard_index[state] = SHARD_IDS.index(shard)
         state.identity_token = shard  # ShardedSession reads it instead of asking again
     for obj in session.dirty:
-        key = inspect(obj).key
-        if isinstance(obj, WeatherLocation) and key is not None:
-            stored_on = key[2]
-            wanted = shard_for_continent(obj.continent)
-            if wanted != stored_on:
-                raise ValueError(
-                    f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
-                    f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
-                    f"await shardlib.move_location(session, location, {obj.continent!r})"
-                )
+        _check_stays_on_its_shard(obj)
 
-    if needs_id:  # 2. one allocation for the whole flush
-        allocator = session.info.get("shardlib.allocator")
-        if allocator is None:
-            raise RuntimeError("session was not made by shardlib.make_sessionmaker()")
-        own = None
-        if allocator.engine.dialect.name == "sqlite" and allocator.engine in session.info.get(_CONNECTED, ()):
-            # SQLite locks the whole file: use our own transaction (see shardlib.ids).
-            # Servers lock rows; the session never holds the counter row, so a
-            # short transaction of the allocator's own cannot wait for it.
-            own = session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
-        numbers = allocator.allocate(len(needs_id), own_connection=own)
+    if explicit:  # 2. explicit ids are recorded in the counter, which then never hands them out
+        reserve_ids(session, [location_id >> SHARD_BITS for location_id in explicit])
+    if needs_id:  # 3. one allocation for the whole flush
+        numbers = allocate_ids(session, len(needs_id))
         for state, number in zip(needs_id, numbers):
             # a pending object's INSERT reads its values from the instance dict;
             # writing there skips attribute events (this loop runs once per row)
-            state.dict["id"] = make_id(number, SHARD_IDS[shard_index[state]])
+            location_id = state.dict["id"] = make_id(number, SHARD_IDS[shard_index[state]])
+            _ALLOCATED[state.obj()] = location_id
 
-    # 3. group pending rows by shard, keeping their order within a shard
+    # 4. group pending rows by shard, keeping their order within a shard
     new.sort(key=lambda s: (shard_index[s], s.insert_order or 0))
     for position, state in enumerate(new):
         state.insert_order = position

@@ -126,5 +126,13 @@ class Unsharded:
 
         return self.loop.run_until_complete(go())
 
+    def rows_write(self, statement: Any, params: Any = None) -> None:
+        """Run a write (UPDATE/DELETE) on the oracle and commit it."""
+        async def go() -> None:
+            async with self.engine.begin() as conn:
+                await conn.execute(statement, params or {})
+
+        self.loop.run_until_complete(go())
+
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.dispose())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from html import escape as html_escape
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 
@@ -83,15 +86,105 @@ def test_trace_records_shard_and_sql(world) -> None:
             with shardlib.trace(world.engines) as t:
                 await session.execute(select(WeatherLocation).where(WeatherLocation.continent == "Europe"))
             frame = t.frame()
-            assert list(frame.columns) == ["shard", "sql", "params"]
-            assert list(frame["shard"]) == ["europe"]
+            assert list(frame.columns) == ["shards", "sql", "params"]
+            assert list(frame["shards"]) == ["europe"]
             assert frame["sql"][0].startswith("SELECT weather_locations.id")
+            assert list(t.frame(per_shard=True)["shard"]) == ["europe"]
             assert t.counts().to_dict() == {"north_america": 0, "asia": 0, "europe": 1, "south_america": 0}
             # after the block, nothing more is recorded
             await session.execute(select(WeatherLocation))
             assert len(t.records) == 1
 
     world.run(go())
+
+
+def test_trace_frame_has_one_row_per_statement_with_the_shards_that_ran_it(world) -> None:
+    """A scatter SELECT is one row naming four shards; per_shard=True keeps the four raw rows."""
+    scatter = select(WeatherLocation).where(WeatherLocation.city == "London")
+
+    async def go():
+        async with world.Session() as session:
+            session.add_all(seed_locations())
+            await session.commit()
+        async with world.Session() as session:
+            with shardlib.trace(world.engines) as t:
+                await session.execute(scatter)
+                await session.execute(scatter)  # the same statement again: a second execution
+                await session.execute(select(WeatherLocation).where(WeatherLocation.continent.in_(["Asia", "Europe"])))
+        return t
+
+    t = world.run(go())
+    per_shard = t.frame(per_shard=True)
+    assert list(per_shard.columns) == ["shard", "sql", "params"]
+    assert list(per_shard["shard"]) == [*SHARD_IDS, *SHARD_IDS, "asia", "europe"]
+    frame = t.frame()
+    everywhere = ", ".join(SHARD_IDS)
+    assert list(frame["shards"]) == [everywhere, everywhere, "asia, europe"], frame
+    assert frame["sql"].tolist() == [per_shard["sql"][0], per_shard["sql"][4], per_shard["sql"][8]]
+    assert list(t.frame(params=False).columns) == ["shards", "sql"]
+    assert [g["shards"] for g in t.statements()] == [list(SHARD_IDS), list(SHARD_IDS), ["asia", "europe"]]
+
+
+def test_trace_frame_keeps_different_parameters_apart(world) -> None:
+    """A flush sends each shard its own rows: same SQL, different parameters, one row each."""
+    async def go():
+        async with world.Session() as session:
+            session.add_all(seed_locations())
+            with shardlib.trace(world.engines) as t:
+                await session.commit()
+        return t
+
+    t = world.run(go())
+    inserts = t.frame()[t.frame()["sql"].str.startswith("INSERT INTO weather_locations")]
+    assert inserts["shards"].tolist() == list(SHARD_IDS)
+    assert len(t.frame()) == len(t.records)  # nothing folded: every shard got its own parameters
+
+
+def test_trace_html_shows_the_sql_whole_and_wrapped(world) -> None:
+    scatter = select(WeatherLocation).where(WeatherLocation.city == "London")
+
+    async def go():
+        async with world.Session() as session:
+            with shardlib.trace(world.engines) as t:
+                await session.execute(scatter)
+        return t
+
+    t = world.run(go())
+    frame = t.frame()
+    sql = frame["sql"][0]
+    assert len(sql) > 120 and not sql.endswith("...")
+    html = frame._repr_html_()
+    assert html.count("<tr>") == 2  # the header and one statement, not four
+    assert html_escape(sql) in html and "white-space: pre-wrap" in html
+    assert sql in repr(frame)  # the plain-text form is not cut at display.max_colwidth either
+    assert sql in repr(frame[frame["shards"] != ""])  # nor that of a frame derived from it
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(SHARD_IDS), st.sampled_from(["S1", "S2"]), st.sampled_from([(1,), (2,)])),
+                max_size=12))
+def test_trace_statements_fold_exactly_the_repeats_on_other_shards(records) -> None:
+    """Folding loses nothing and merges only one execution's copies on distinct shards."""
+    t = shardlib.Trace([{"shard": shard, "sql": sql, "params": repr(p), "raw_params": p, "executemany": False}
+                        for shard, sql, p in records])
+    groups = t.statements()
+    # unfolding gives back the records, in order
+    assert [(s, g["sql"], g["raw_params"]) for g in groups for s in g["shards"]] == records
+    for group in groups:
+        assert len(set(group["shards"])) == len(group["shards"])
+    # maximal: the next record could not have joined the previous group
+    for before, after in zip(groups, groups[1:]):
+        assert (before["sql"], before["raw_params"]) != (after["sql"], after["raw_params"]) or \
+            after["shards"][0] in before["shards"]
+    assert len(t.frame()) == len(groups)
+
+
+def test_wrapped_frame_renders_long_text_whole() -> None:
+    long = "x " * 200
+    frame = shardlib.wrapped(pd.DataFrame({"label": ["a"], "text": [long]}).set_index("label"))
+    assert isinstance(frame, pd.DataFrame) and long.strip() in repr(frame)
+    assert long in frame._repr_html_() and "<th>label</th>" in frame._repr_html_()
+    assert frame.loc["a", "text"] == long
 
 
 def test_shard_frames_and_show_shards(world) -> None:

@@ -130,9 +130,13 @@ def test_concatenation_is_wrong_where_gather_is_right(gw) -> None:
 
     async def concatenated():
         async with Session() as session:
-            return (await session.execute(select(func.count()).select_from(WL))).scalars().all()
+            statement = select(func.count()).select_from(WL)
+            with pytest.raises(shardlib.CrossShardRefused, match="aggregate count"):
+                await session.execute(statement)  # the session refuses rather than concatenate
+            explicit = statement.execution_options(shardlib_concatenate=True)
+            return (await session.execute(explicit)).scalars().all()
 
-    assert len(run(concatenated())) == 4  # one count per shard
+    assert len(run(concatenated())) == 4  # one count per shard, when asked for explicitly
     assert len(check(gw, select(func.count()).select_from(WL))) == 1
 
 

@@ -11,11 +11,16 @@ import re
 import tomllib
 from pathlib import Path
 
+import sys
+
 import nbformat
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import time_to_learn  # noqa: E402  (tools/ is scripts, not a package)
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SKELETON = ["Overview", "Prerequisites", "Time to learn", "Summary", "What's next"]
 
@@ -94,3 +99,88 @@ def test_notebook_links_the_next_one(path: Path) -> None:
     following = NOTEBOOKS[NOTEBOOKS.index(path) + 1].name
     markdown = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
     assert f"({following})" in markdown, f"What's next should link {following}"
+
+
+def _tags(cell) -> list[str]:
+    return list(cell.metadata.get("tags", []))
+
+
+def _hidden(cell) -> dict:
+    return cell.metadata.get("jupyter", {})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solution_cells_hide_source_and_outputs(path: Path) -> None:
+    """A solution's answer must not show before the learner asks: source AND outputs hidden, tag "solution"."""
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        flags = _hidden(cell)
+        if "solution" in _tags(cell) or flags.get("source_hidden") or flags.get("outputs_hidden"):
+            assert cell.cell_type == "code", f"cell {index}: a solution is a code cell"
+            assert flags.get("source_hidden") is True and flags.get("outputs_hidden") is True, (
+                f"cell {index}: a solution needs jupyter.source_hidden AND jupyter.outputs_hidden true, has {flags}"
+            )
+            assert "solution" in _tags(cell), f"cell {index}: a hidden solution needs the tag 'solution', has {_tags(cell)}"
+            assert not cell.outputs, (
+                f"cell {index}: a solution must print and display nothing: JupyterLab shows a cell's output "
+                "again whenever it runs (outputs_hidden protects only the saved file), so Run All would reveal it"
+            )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_checks_the_learners_answer(path: Path) -> None:
+    """Learner's cell, then a visible check cell (tag "check"), then the hidden solution.
+
+    The committed check output says "not answered yet": the learner's cell is
+    committed unanswered, and the check copes with that instead of raising or
+    recomputing the answer itself.
+    """
+    nb = nbformat.read(path, as_version=4)
+    previous_solution = -1
+    for index, cell in enumerate(nb.cells):
+        if "solution" not in _tags(cell) and not _hidden(cell).get("source_hidden"):
+            continue
+        between = nb.cells[previous_solution + 1:index]
+        checks = [c for c in between if c.cell_type == "code" and "check" in _tags(c)]
+        assert checks, f"cell {index}: the exercise solved here has no check cell (a code cell tagged 'check') before it"
+        first_check = between.index(checks[0])
+        assert any(c.cell_type == "code" and not _tags(c) for c in between[:first_check]), (
+            f"cell {index}: the learner's own (untagged) code cell must come before its check cell"
+        )
+        for check in checks:
+            assert not _hidden(check), f"cell {nb.cells.index(check)}: a check cell stays visible"
+            printed = "".join(o.get("text", "") for o in check.outputs)
+            assert "not answered yet" in printed, (
+                f"cell {nb.cells.index(check)}: the committed check output should say 'not answered yet' "
+                f"(the learner's cell is committed unanswered); it printed {printed[:200]!r}"
+            )
+        previous_solution = index
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_time_to_learn_follows_the_method(path: Path) -> None:
+    """Stated minutes within [ceil(estimate), ceil(estimate) + 10] (CONTRIBUTING.md, tools/time_to_learn.py)."""
+    m = time_to_learn.measure(nbformat.read(path, as_version=4))
+    low, high = m["allowed"]
+    assert m["stated"] is not None, "the Time to learn section must state 'NN minutes'"
+    assert low <= m["stated"] <= high, (
+        f"states {m['stated']} minutes; the method gives {m['estimate']} "
+        f"({m['words']} words / 150 + {m['code_lines']} code lines / 15 + 5 x {m['exercises']} exercises), "
+        f"so state between {low} and {high}"
+    )
+
+
+def test_the_overview_map_lists_every_notebook_with_its_stated_time() -> None:
+    """00's "A map of the set" links each notebook once, in order, with the minutes it states."""
+    nb = nbformat.read(ROOT / "notebooks" / "00_overview.ipynb", as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    section = re.search(r"^## A map of the set\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert section, "00_overview needs a '## A map of the set' section"
+    rows = re.findall(r"^\|\s*\[[^\]]*\]\((\d\d_[a-z0-9_]+\.ipynb)\)\s*\|.*\|\s*(\d+)\s*\|\s*$", section.group(1), re.M)
+    listed = {name: int(minutes) for name, minutes in rows}
+    assert [name for name, _ in rows] == [p.name for p in NOTEBOOKS], (
+        f"the map lists {[name for name, _ in rows]}, the folder holds {[p.name for p in NOTEBOOKS]}"
+    )
+    stated = {p.name: time_to_learn.stated_minutes(nbformat.read(p, as_version=4)) for p in NOTEBOOKS}
+    wrong = {name: (listed[name], stated[name]) for name in listed if listed[name] != stated[name]}
+    assert not wrong, f"map minutes differ from the notebooks' own (map, notebook): {wrong}"

@@ -367,12 +367,43 @@ REPORT_JS = f"""
 """
 
 
+# What a learner can see of each solution cell (tag "solution" or a hidden input):
+# the text the browser actually renders (innerText skips hidden elements), whether
+# an output is laid out on the page, and, from the model, what is there to hide.
+SOLUTIONS_JS = f"""
+(name) => ({_PANEL_JS})(name).content.widgets.map((cell, index) => {{
+  const tags = cell.model.getMetadata('tags') || [];
+  if (!(cell.inputHidden || tags.includes('solution'))) return null;
+  const node = cell.node;
+  const outputs = cell.model.type === 'code' ? cell.model.outputs.toJSON() : [];
+  const text = o => {{
+    const t = o.text || (o.data && o.data['text/plain']) || '';
+    return Array.isArray(t) ? t.join('') : t;
+  }};
+  return {{
+    index,
+    input_hidden: !!cell.inputHidden,
+    output_hidden: !!cell.outputHidden,
+    input_placeholder: !!node.querySelector('.jp-InputPlaceholder'),
+    output_placeholder: !!node.querySelector('.jp-OutputPlaceholder'),
+    editor_visible: !!(node.querySelector('.jp-InputArea-editor') &&
+                       node.querySelector('.jp-InputArea-editor').offsetParent !== null),
+    visible_outputs: [...node.querySelectorAll('.jp-OutputArea-output')].filter(o => o.offsetParent !== null).length,
+    visible_text: node.innerText,
+    source: cell.model.sharedModel.getSource(),
+    output_text: outputs.map(text).join('\\n'),
+  }};
+}}).filter(entry => entry !== null)
+"""
+
+
 @dataclass
 class Expected:
     """What the committed .ipynb says the page should show after a run."""
 
     code_cells: int
     hidden_inputs: list[int]
+    solutions: list[int]  # cells tagged "solution" or with a hidden input
     mermaid: dict[int, int]  # markdown cell index -> number of ```mermaid fences
     html_tables: int
     images: int
@@ -397,6 +428,9 @@ class Expected:
         return cls(
             code_cells=sum(c["cell_type"] == "code" for c in cells),
             hidden_inputs=[i for i, c in enumerate(cells) if c.get("metadata", {}).get("jupyter", {}).get("source_hidden")],
+            solutions=[i for i, c in enumerate(cells)
+                       if "solution" in c.get("metadata", {}).get("tags", [])
+                       or c.get("metadata", {}).get("jupyter", {}).get("source_hidden")],
             mermaid={
                 i: len(re.findall(r"^\s*```mermaid\s*$", source(c), re.M))
                 for i, c in enumerate(cells)
@@ -529,6 +563,18 @@ class LabPage:
         if page is not None and not page.is_closed():
             page.close()  # run_before_unload=False: no "leave page?" prompt, nothing saved
 
+    def _expand_solutions(self, page: Any, name: str, solutions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Do what a learner does to see a solution: click its collapsed input and output; report again."""
+        cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+        for entry in solutions:
+            cell = cells.nth(entry["index"])
+            for placeholder in (".jp-InputPlaceholder", ".jp-OutputPlaceholder"):
+                target = cell.locator(placeholder)
+                if target.count():
+                    target.first.click()
+        page.wait_for_timeout(300)
+        return page.evaluate(SOLUTIONS_JS, name)
+
     def run(self, name: str, *, run_timeout_s: float = 240, screenshot: Path | None = None) -> NotebookRun:
         """Open ``name``, clear it, restart-and-run-all from the menu, report what shows."""
         if screenshot is not None:
@@ -552,6 +598,7 @@ class LabPage:
             dialog.wait_for(state="detached")
             _wait(page, READY_JS, name, 120, "the notebook to open with an idle kernel")
             collapsed_on_open = page.evaluate(COLLAPSED_JS, name)
+            solutions_on_open = page.evaluate(SOLUTIONS_JS, name)  # the saved outputs, as opened
             phase("open")
             # Start from a blank page so that every output below comes from this run.
             _menu(page, "Edit", "Clear Outputs of All Cells")
@@ -576,11 +623,15 @@ class LabPage:
                     pass
             report = page.evaluate(REPORT_JS, name)
             report["collapsed_on_open"] = collapsed_on_open
+            report["solutions_on_open"] = solutions_on_open
+            report["solutions"] = page.evaluate(SOLUTIONS_JS, name)
             phase("settle")
             if screenshot is not None:
                 expand_and_screenshot(page, screenshot)
                 page.set_viewport_size(VIEWPORT)
                 phase("screenshot")
+            report["solutions_expanded"] = self._expand_solutions(page, name, report["solutions"])
+            phase("expand")
             # Close without saving: the tab is dirty, so JupyterLab asks.
             _menu(page, "File", "Close Tab")
             try:

@@ -70,6 +70,11 @@ def test_a_failing_cell_is_reported(canary_server: LabServer, browser_context: A
     assert run.report["collapsed_on_open"] == [2]
     assert [c["placeholder"] for c in run.report["cells"]] == [False, False, True, False, False]
     assert not code[1]["editor_visible"]
+    # The canary's solution hides its source but not its output (no outputs_hidden):
+    # the solution probe must see that output on the page, the mistake issue 12 is about.
+    (solution,) = run.report["solutions"]
+    assert solution["index"] == 2 and solution["input_hidden"] and not solution["output_hidden"], solution
+    assert solution["visible_outputs"] >= 1 and "only stderr" in solution["visible_text"], solution
     assert sum(c["html_tables"] for c in code) == 1
     mermaid = run.report["cells"][0]["mermaid"]
     assert expected.mermaid == {0: 1} and len(mermaid) == 1 and mermaid[0]["svg"] and mermaid[0]["loaded"], mermaid

@@ -114,6 +114,53 @@ def test_solution_cells_open_collapsed(name: str, notebook_run: Callable[[str], 
             assert not cell["editor_visible"], f"cell {cell['index']}: solution source is visible"
 
 
+def _telling_lines(text: str) -> list[str]:
+    """Lines long enough to identify a solution (short ones like ")" or "# Solution" prove nothing)."""
+    return [line.strip() for line in text.splitlines() if len(line.strip()) >= 12]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nothing_of_a_solution_shows_until_expanded(
+    name: str, notebook_run: Callable[[str], NotebookRun], expected: Expected
+) -> None:
+    """No code and no output of a solution is on the page until the learner expands it.
+
+    Checked on what the browser renders (each solution cell's innerText and
+    its laid-out output areas) twice: as the notebook opens (its saved
+    outputs) and after Run All. JupyterLab un-hides a cell's output whenever
+    the cell runs (``outputs_hidden`` only protects the saved file), so after
+    a run only a solution that prints nothing shows nothing. Then the
+    learner's way in is taken (click the placeholders) to prove the same
+    probes do see the source once expanded.
+    """
+    run = notebook_run(name)
+    assert expected.solutions, f"{name} has no solution cell"
+    for moment in ("solutions_on_open", "solutions"):
+        solutions = {entry["index"]: entry for entry in run.report[moment]}
+        assert sorted(solutions) == expected.solutions, f"{moment}: solution cells {sorted(solutions)}, in the file {expected.solutions}"
+        for index, cell in solutions.items():
+            assert cell["input_hidden"] and cell["input_placeholder"] and not cell["editor_visible"], (
+                f"{moment}, cell {index}: the solution's source is not collapsed: {cell}"
+            )
+            if moment == "solutions_on_open":
+                assert cell["output_hidden"], f"cell {index}: the saved solution output is not hidden (jupyter.outputs_hidden)"
+            assert cell["visible_outputs"] == 0, (
+                f"{moment}, cell {index}: {cell['visible_outputs']} solution output(s) on the page"
+                + ("; JupyterLab shows a cell's output again when it runs: a solution must print nothing"
+                   if moment == "solutions" else "")
+            )
+            shown = [line for line in _telling_lines(cell["source"] + "\n" + cell["output_text"]) if line in cell["visible_text"]]
+            assert not shown, f"{moment}, cell {index}: visible before expanding: {shown[:5]}"
+
+    # The probes above can see a solution: expanded, its code shows.
+    for cell in run.report["solutions_expanded"]:
+        index = cell["index"]
+        assert cell["editor_visible"] and not cell["input_hidden"], f"cell {index}: did not expand: {cell}"
+        assert any(line in cell["visible_text"] for line in _telling_lines(cell["source"])), (
+            f"cell {index}: source still invisible when expanded"
+        )
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_file_is_never_saved(name: str, notebook_run: Callable[[str], NotebookRun]) -> None:
     run = notebook_run(name)
