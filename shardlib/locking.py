@@ -20,9 +20,12 @@ The classic cure is to take locks in one global order. A session cannot know
 at its first flush which shards its later flushes will write, so shardlib
 uses the simplest global order there is: **every shardlib session takes one
 write ticket before its first write, and keeps it until its transaction
-ends**. The ticket is the write lock of one more SQLite file next to the
-first SQLite shard, ``write_ticket.db`` (``shard_data/write_ticket.db`` by
-default). It holds no data; a connection of the session's own takes it with
+ends**. The ticket is the write lock of one more, empty SQLite file, named
+after the first SQLite shard's path and kept in the system's temporary
+directory (:func:`ticket_path`), so every process using the same shard
+files finds the same ticket, and the data directory holds only the shards.
+(Processes that share the shard files but not ``/tmp``, e.g. two containers
+on one volume, would not share the ticket.) A connection of the session's own takes it with
 ``BEGIN IMMEDIATE`` (wait up to the busy timeout for the file's write lock)
 and gives it back, after the shards have committed or rolled back, by
 closing. A session holding the ticket never waits for another ticket
@@ -100,6 +103,8 @@ sessions that take no ticket (to show the deadlock it prevents).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -116,8 +121,13 @@ from .shards import SHARD_IDS
 ENABLED_KEY = "shardlib.write_ticket"
 """``session.info`` key; ``False`` switches the write ticket off for that session."""
 
-TICKET_FILE = "write_ticket.db"
-"""The ticket's file name, in the directory of the first SQLite shard."""
+def ticket_path(shard_database: str) -> Path:
+    """The ticket file for shards whose first SQLite file is ``shard_database``::
+
+        /tmp/shardlib-write-ticket-<hash of the shard file's absolute path>.db
+    """
+    key = hashlib.sha256(str(Path(shard_database).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"shardlib-write-ticket-{key}.db"
 
 DEFAULT_WAIT_S = 30.0
 """Busy timeout for the ticket when the shard engine does not say (see engines.py)."""
@@ -194,7 +204,7 @@ def ticket_engine(session: Session) -> Engine | None:
         engine = _ticket_engines.get(bind)
         if engine is None:
             wait_s = float(getattr(bind, "shardlib_lock_wait_s", None) or DEFAULT_WAIT_S)
-            path = Path(database).resolve().with_name(TICKET_FILE)
+            path = ticket_path(database)
             # NullPool: closing the connection really closes it, releasing the lock
             engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool,
                                          connect_args={"timeout": wait_s})
@@ -289,5 +299,5 @@ def install(session_class: type[Session]) -> None:
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 
-__all__ = ["ENABLED_KEY", "TICKET_FILE", "holds_write_ticket", "install", "take_write_ticket",
-           "ticket_engine"]
+__all__ = ["ENABLED_KEY", "holds_write_ticket", "install", "take_write_ticket", "ticket_engine",
+           "ticket_path"]

@@ -203,7 +203,7 @@ def test_the_write_ticket_is_held_from_the_first_write_to_the_end_and_costs_the_
     commit or rollback, not by reads; the shards run exactly the SQL they ran
     before (engine events); servers take no ticket at all."""
     sqlite = world.engines["north_america"].dialect.name == "sqlite"
-    ticket = os.path.join(os.path.dirname(world.engines["asia"].url.database or "."), shardlib.locking.TICKET_FILE)
+    ticket = str(shardlib.locking.ticket_path(world.engines["north_america"].url.database or ":memory:"))
     from sqlalchemy import update
 
     async def go():
@@ -228,6 +228,9 @@ def test_the_write_ticket_is_held_from_the_first_write_to_the_end_and_costs_the_
         return reads, first, seen
 
     reads, first, seen = world.run(go())
+    if sqlite:  # the data directory holds the shards and nothing else
+        data_dir = os.path.dirname(world.engines["asia"].url.database)
+        assert {name.split(".")[0] for name in os.listdir(data_dir)} == set(SHARD_IDS)
     assert reads.shards() == ["asia"]
     assert [(r["shard"], r["sql"].split(" ")[0]) for r in first.records if "id_counter" not in r["sql"]] == [
         ("asia", "INSERT")]
