@@ -730,10 +730,13 @@ class _Scopes:
                         f"a set operation inside the subquery {element.name!r} (each shard would "
                         f"combine only its own rows)")
                     return
-                if inner._limit_clause is not None or inner._offset_clause is not None:
+                from .gather import _not_row_wise  # the same test gather applies
+
+                reasons = _not_row_wise(inner)
+                if reasons:
                     self.problem = self.problem or (
-                        f"LIMIT/OFFSET inside the subquery {element.name!r} (each shard would keep "
-                        f"its own first rows)")
+                        f"the subquery {element.name!r} {' and '.join(reasons)}, which each shard "
+                        f"would do over its own rows only")
             if isinstance(inner, Select):
                 self.visit(inner, {})
         elif _is_sharded_from(element):

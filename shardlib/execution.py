@@ -415,7 +415,9 @@ def _compare(keys: Sequence[tuple[Any, bool, bool]], a: Any, b: Any) -> int:
 def _select(orm_context: ORMExecuteState, statement: Select[Any], shards: list[str]) -> Result[Any]:
     problem = _row_wise_problem(statement)
     if problem:
-        raise _refuse(problem, shards)
+        if _has_entities(statement):
+            raise _refuse(f"{problem} over ORM entities", shards)
+        return _gathered(orm_context, statement, shards, problem)
     limit, offset = _int(statement._limit_clause), _int(statement._offset_clause)
     if limit is _UNREADABLE or offset is _UNREADABLE:
         raise _refuse("a LIMIT/OFFSET given as an expression", shards)
@@ -452,6 +454,30 @@ def _select(orm_context: ORMExecuteState, statement: Select[Any], shards: list[s
     rows = rows[start:] if limit is None else rows[start:start + limit]
     result = frozen[0].with_new_rows(rows)()
     return result.columns(*range(width)) if extra else result
+
+
+def _has_entities(statement: Select[Any]) -> bool:
+    return any(d.get("entity") is not None and d.get("expr") is d.get("entity")
+               for d in statement.column_descriptions)
+
+
+def _gathered(orm_context: ORMExecuteState, statement: Select[Any], shards: list[str], problem: str) -> Result[Any]:
+    """Aggregates, GROUP BY, ... over columns: merged exactly as :func:`shardlib.gather` merges,
+    each shard read inside this session's own transaction (it sees the session's writes)."""
+    from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+
+    from .gather import GatherRefused, plan
+
+    dialect = orm_context.session.get_bind(shard_id=shards[0]).dialect
+    try:
+        the_plan = plan(statement, dialect)
+    except GatherRefused as refused:
+        raise CrossShardRefused(f"cannot answer {problem} exactly across shards: {refused}"
+                                f"{_alternatives(shards)}") from None
+    if the_plan.one_shard:
+        shards = shards[:1]
+    answers = [_rows([_on(orm_context, s, the_plan.shard_statement).freeze()]) for s in shards]
+    return IteratorResult(SimpleResultMetaData(list(the_plan.keys)), iter(the_plan.merge(answers)))
 
 
 def _distinct(rows: list[Any]) -> list[Any]:

@@ -127,17 +127,18 @@ def test_gather_uses_routing_and_execute_time_parameters(gw) -> None:
 def test_concatenation_is_wrong_where_gather_is_right(gw) -> None:
     run, engines, _ = gw
     Session = shardlib.make_sessionmaker(engines)
+    statement = select(func.count()).select_from(WL)
 
-    async def concatenated():
+    async def through_the_session():
         async with Session() as session:
-            statement = select(func.count()).select_from(WL)
-            with pytest.raises(shardlib.CrossShardRefused, match="aggregate count"):
-                await session.execute(statement)  # the session refuses rather than concatenate
+            merged = (await session.execute(statement)).scalars().all()  # merged as gather merges
             explicit = statement.execution_options(shardlib_concatenate=True)
-            return (await session.execute(explicit)).scalars().all()
+            return merged, (await session.execute(explicit)).scalars().all()
 
-    assert len(run(concatenated())) == 4  # one count per shard, when asked for explicitly
-    assert len(check(gw, select(func.count()).select_from(WL))) == 1
+    merged, concatenated = run(through_the_session())
+    assert len(concatenated) == 4  # one count per shard, when asked for explicitly
+    gathered = check(gw, statement)
+    assert len(gathered) == 1 and merged == [gathered[0][0]] == [sum(concatenated)]
 
 
 @pytest.mark.parametrize(

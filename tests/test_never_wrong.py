@@ -356,6 +356,11 @@ def test_an_id_given_in_a_rolled_back_flush_is_not_reused(fresh) -> None:
         select(WL).order_by(WL.city.desc(), WL.id),
         select(WL.city).order_by(WL.city).limit(3).offset(2),
         select(WL.city).distinct(),
+        select(func.count()).select_from(WL),
+        select(WL.continent, func.count()).group_by(WL.continent),
+        select(WL.city, func.count().label("n"), func.min(WL.id)).group_by(WL.city).order_by(WL.city),
+        select(func.avg(Report.temperature), func.max(Report.temperature), func.sum(Report.temperature)),
+        select(func.count()).select_from(Report).join(Report.location).where(WL.city != "Tokyo"),
         select(WL.city).order_by(func.lower(WL.city)),
         select(WL.city).order_by(WL.id.desc()).limit(5),
         select(WL.city).where(WL.continent == "Asia").union(select(WL.city).where(WL.continent == "Europe")),
@@ -392,8 +397,8 @@ def test_no_from_runs_once(both) -> None:
 @pytest.mark.parametrize(
     ("statement", "construct"),
     [
-        (select(func.count()).select_from(WL), "aggregate count"),
-        (select(WL.continent, func.count()).group_by(WL.continent), "GROUP BY"),
+        (select(func.count()).select_from(WL).where(WL.city == "x").having(func.count() > 0), "HAVING"),
+        (select(Report).group_by(Report.location_id), "over ORM entities"),
         (select(func.group_concat(WL.city)), "aggregate group_concat"),
         (select(func.my_udf(WL.city)), "my_udf"),
         (select(WL.city).intersect(select(WL.city)), "INTERSECT"),
@@ -404,6 +409,8 @@ def test_no_from_runs_once(both) -> None:
         (select(a.city, b.city).join(b, a.city == b.city).where(a.continent == "Asia"), "without a condition"),
         (select(WL).where(WL.id.in_(select(Report.location_id).order_by(Report.temperature).limit(2))), "without a condition"),
         (text("SELECT city FROM weather_locations"), "TextClause"),
+        (select(select(WL.city).distinct().subquery().c.city), "de-duplicates"),
+        (select(func.count()).select_from(select(WL.city).distinct().subquery()), "de-duplicates"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(str(v).split())[:60],
 )
