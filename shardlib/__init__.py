@@ -24,7 +24,9 @@ layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
 :mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
 shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
-:mod:`~shardlib.display`, :mod:`~shardlib.upstream` (the seed's choosers, for comparison),
+:mod:`~shardlib.display`, :mod:`~shardlib.locking` (deadlock-free SQLite writers),
+:mod:`~shardlib.conflicts` (which errors are retryable), :mod:`~shardlib.retry`
+(``run_transaction``), :mod:`~shardlib.upstream` (the seed's choosers, for comparison),
 :mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
 two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
 """
@@ -32,6 +34,7 @@ two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
 from __future__ import annotations
 
 from .bulk import bulk_insert
+from .conflicts import ShardConflict, ShardLockTimeout, is_retryable
 from .gather import GatherPlan, GatherRefused, ShardFailed, gather, plan
 from .display import ShardTables, Trace, WrappedFrame, routing_frame, shard_frames, shard_rows, show_shards, trace, wrapped
 from .execution import CONCATENATE, CrossShardRefused
@@ -42,7 +45,9 @@ from .backfill import backfill
 from .schema import SchemaDriftError
 from .outages import ShardUnavailable
 from .twophase import DecisionRefused, recover, recovery_task
+from .locking import take_write_ticket
 from .models import Base, Report, WeatherLocation, id_counter
+from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
 from .shards import (
@@ -72,12 +77,13 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CONTINENTS", "COUNTER_SHARD", "SHARD_BITS", "SHARD_FOR_CONTINENT", "SHARD_IDS",
     "CONCATENATE", "CrossShardRefused", "Base", "GatherPlan", "GatherRefused", "IdAllocator", "MigrationError",
-    "Report", "SchemaDriftError", "ShardFailed", "ShardTables", "ShardlibSession", "Trace", "WeatherLocation",
-    "WrappedFrame", "alembic_command", "backfill", "bulk_insert", "check_answer", "check_engines", "dispose",
-    "downgrade", "execute_chooser", "gather", "id_counter", "identity_chooser", "is_unanswered",
+    "PartialCommitError", "Report", "SchemaDriftError", "ShardConflict", "ShardFailed", "ShardLockTimeout",
+    "ShardTables", "ShardlibSession", "Trace", "WeatherLocation", "WrappedFrame",
+    "alembic_command", "backfill", "bulk_insert", "check_answer", "check_engines", "dispose",
+    "downgrade", "execute_chooser", "gather", "id_counter", "identity_chooser", "is_retryable", "is_unanswered",
     "make_engines", "make_id", "make_sessionmaker", "migrate", "move_location", "parse_urls", "plan", "reset",
-    "revisions",
-    "routing_frame", "shard_chooser", "shard_for_continent", "shard_for_id", "shard_frames",
-    "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "trace", "wrapped",
+    "revisions", "routing_frame", "run_transaction", "shard_chooser", "shard_for_continent", "shard_for_id",
+    "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
+    "trace", "wrapped",
 ]
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

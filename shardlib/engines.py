@@ -15,6 +15,23 @@ Real servers are chosen by URL, either passed in or from ``$SHARDLIB_URLS``::
 SQLite settings: WAL journaling (readers never block the writer), a 30 s
 busy timeout (a writer waits for the file lock instead of failing with
 "database is locked"), and foreign keys switched on.
+
+Waiting for locks, bounded
+--------------------------
+``lock_timeout=`` (seconds) bounds how long any statement waits for a lock
+held by another transaction. On SQLite it is the busy timeout (default
+``SQLITE_BUSY_TIMEOUT_S``); on PostgreSQL it is the server's ``lock_timeout``
+setting, sent when each connection opens (default ``PG_LOCK_TIMEOUT_S``).
+That bound is what ends a deadlock between shards, which no single server can
+see (see :mod:`shardlib.conflicts`)::
+
+    engines = make_engines(lock_timeout=2)      # give up after 2 s of waiting
+
+A statement that waited that long raises :class:`shardlib.ShardLockTimeout`,
+naming the shard; other conflicts raise :class:`shardlib.ShardConflict`.
+Both are retryable: :func:`shardlib.run_transaction` runs the transaction
+again. ``lock_timeout=0`` on PostgreSQL means "wait forever" (the server's
+own meaning of 0), and a cross-shard deadlock then hangs.
 """
 
 from __future__ import annotations
@@ -27,11 +44,17 @@ from typing import Any
 from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .conflicts import install_error_names
 from .ids import forget_allocations
 from .outages import name_outages
+from .retry import watch_commits
 from .shards import COUNTER_SHARD, SHARD_IDS
 
 SQLITE_BUSY_TIMEOUT_S = 30
+"""Default seconds a SQLite statement waits for a file lock (the busy timeout)."""
+
+PG_LOCK_TIMEOUT_S = 10
+"""Default seconds a PostgreSQL statement waits for a lock (``lock_timeout``)."""
 
 
 def check_engines(mapping: Mapping[str, Any]) -> None:
@@ -75,13 +98,42 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.close()
 
 
-def make_engine(url: str, **kw: Any) -> AsyncEngine:
-    """One async engine, with shardlib's SQLite settings when the URL is SQLite."""
+def _lock_wait_settings(url: str, lock_timeout: float | None, kw: dict[str, Any]) -> float | None:
+    """Put the lock wait into the driver's connect arguments; return it (seconds)."""
+    if lock_timeout is not None and (isinstance(lock_timeout, bool) or lock_timeout < 0):
+        raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+    connect_args = kw.setdefault("connect_args", {})
     if url.startswith("sqlite"):
-        kw.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        if lock_timeout is not None:
+            connect_args["timeout"] = lock_timeout
+        return float(connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S))
+    if url.startswith("postgresql"):
+        seconds = PG_LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout
+        milliseconds = str(round(seconds * 1000))
+        if "+asyncpg" in url.split("://", 1)[0]:
+            connect_args.setdefault("server_settings", {})["lock_timeout"] = milliseconds
+        else:  # libpq drivers (psycopg): options="-c lock_timeout=..."
+            options = connect_args.get("options", "")
+            connect_args["options"] = f"{options} -c lock_timeout={milliseconds}".strip()
+        return float(seconds) if seconds else None
+    return lock_timeout
+
+
+def make_engine(url: str, *, shard: str | None = None, lock_timeout: float | None = None,
+                **kw: Any) -> AsyncEngine:
+    """One async engine, with shardlib's SQLite settings when the URL is SQLite.
+
+    ``lock_timeout`` bounds lock waits (seconds; module docstring); ``shard``
+    names the engine in the errors of :mod:`shardlib.conflicts`.
+    """
+    wait_s = _lock_wait_settings(url, lock_timeout, kw)
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
+    engine.sync_engine.shardlib_lock_wait_s = wait_s  # type: ignore[attr-defined]  # read by locking
+    name = shard or str(engine.url.database)
+    install_error_names(engine.sync_engine, name, wait_s)
+    watch_commits(engine.sync_engine, name)
     return engine
 
 
@@ -89,6 +141,7 @@ def make_engines(
     urls: Mapping[str, str] | None = None,
     *,
     data_dir: str | os.PathLike[str] | None = None,
+    lock_timeout: float | None = None,
     **engine_kw: Any,
 ) -> dict[str, AsyncEngine]:
     """One ``AsyncEngine`` per shard id.
@@ -96,6 +149,7 @@ def make_engines(
     ``urls`` (or ``$SHARDLIB_URLS``) picks real servers; otherwise each shard is
     a SQLite file ``<data_dir>/<shard_id>.db``, ``data_dir`` defaulting to
     ``$SHARDLIB_DATA_DIR`` or ``shard_data`` under the working directory.
+    ``lock_timeout``: seconds a statement may wait for a lock (module docstring).
     """
     if urls is None and os.environ.get("SHARDLIB_URLS", "").strip():
         urls = parse_urls(os.environ["SHARDLIB_URLS"])
@@ -104,7 +158,11 @@ def make_engines(
         directory.mkdir(parents=True, exist_ok=True)
         urls = {s: f"sqlite+aiosqlite:///{directory / f'{s}.db'}" for s in SHARD_IDS}
     check_engines(urls)
-    engines = {shard: make_engine(urls[shard], **engine_kw) for shard in SHARD_IDS}
+    engines = {
+        shard: make_engine(urls[shard], shard=shard, lock_timeout=lock_timeout,
+                           **{**engine_kw, "connect_args": dict(engine_kw.get("connect_args", {}))})
+        for shard in SHARD_IDS
+    }
     for shard, engine in engines.items():
         name_outages(engine, shard)  # a shard that is down fails fast, named (shardlib.outages)
     return engines

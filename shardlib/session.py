@@ -38,7 +38,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, routing, schema, twophase, upstream
+from . import execution, locking, routing, schema, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -269,6 +269,9 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     new.sort(key=lambda s: (shard_index[s], s.insert_order or 0))
     for position, state in enumerate(new):
         state.insert_order = position
+
+
+locking.install(ShardlibSession)  # SQLite write ticket around _before_flush (shardlib.locking)
 
 
 Routing = Literal["shardlib", "upstream"]
