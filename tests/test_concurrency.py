@@ -647,6 +647,7 @@ def test_a_stale_read_snapshot_is_a_named_conflict_and_run_transaction_recovers(
     if engines["asia"].dialect.name != "sqlite":
         loop.run_until_complete(shardlib.dispose(engines))
         pytest.skip("SQLite behaviour")
+    loop.run_until_complete(shardlib.reset(engines))  # migrations say BEGIN IMMEDIATE themselves
     for engine in engines.values():
         @event.listens_for(engine.sync_engine, "connect")
         def _no_driver_transactions(dbapi_connection, record):
@@ -675,7 +676,6 @@ def test_a_stale_read_snapshot_is_a_named_conflict_and_run_transaction_recovers(
         await session.flush()
 
     async def go():
-        await shardlib.reset(engines)
         async with Session() as session:
             await session.execute(select(WeatherLocation).where(WeatherLocation.continent == "Asia"))
             await commit_elsewhere("Nara")
