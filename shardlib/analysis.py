@@ -659,6 +659,8 @@ def _froms(select: Select[Any]) -> list[FromClause]:
 
 def _nested_selects(element: Any) -> list[Select[Any]]:
     """SELECTs nested directly in ``element`` (scalar subqueries, EXISTS, IN), not deeper."""
+    if type(element) is ColumnClause or isinstance(element, TableClause):
+        return []
     found: list[Select[Any]] = []
     stack = list(element.get_children())
     while stack:
@@ -739,6 +741,14 @@ def _single_source(statement: Any) -> Any:
         return None
     (only,) = froms
     return only if isinstance(only, (TableClause, Alias)) else None
+
+
+def locality(statement: Any) -> tuple[str | None, bool]:
+    """(:func:`locality_problem`, :func:`reads_sharded_tables`) with one look at the statement."""
+    simple = _single_source(statement)
+    if simple is not None:
+        return None, _is_sharded_from(simple)
+    return locality_problem(statement), _reads_sharded(statement)
 
 
 def reads_sharded_tables(statement: Any) -> bool:

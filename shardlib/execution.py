@@ -73,7 +73,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
 from . import guards
-from .analysis import canonical, is_exists_only, locality_problem, reads_sharded_tables, shards_for
+from .analysis import canonical, is_exists_only, locality, shards_for
 from .shards import SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
@@ -171,10 +171,10 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
-        problem = locality_problem(statement)
+        problem, reads_sharded = locality(statement)
         if problem:
             raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
-        if not reads_sharded_tables(statement):
+        if not reads_sharded:
             return _on(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
     if not concatenate and not loader and is_exists_only(statement):
         return _exists(orm_context, statement, params)

@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
@@ -75,12 +74,6 @@ class ShardlibSession(ShardedSession):
     """A ``ShardedSession`` that allocates global ids, validates before flushing, guards
     every write path and answers multi-shard statements exactly or refuses
     (:mod:`shardlib.execution`)."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        # ShardedSession concatenates; shardlib's hook merges exactly or refuses
-        event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
-        event.listen(self, "do_orm_execute", execution.execute, retval=True)
 
     def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
                  clause: Any = None, **kw: Any) -> Any:
@@ -272,6 +265,10 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 
 locking.install(ShardlibSession)  # SQLite write ticket around _before_flush (shardlib.locking)
+
+# ShardedSession concatenates (its own per-session hook); shardlib's hook, registered on the
+# class, runs before it, always answers, and so replaces it: merges exactly or refuses.
+event.listen(ShardlibSession, "do_orm_execute", execution.execute, retval=True)
 
 
 Routing = Literal["shardlib", "upstream"]
