@@ -337,13 +337,19 @@ def _tree(expr: Any, params: Params | None) -> Node:
 # --------------------------------------------------------------------------
 
 
-def _fold_and(children: Iterable[Node]) -> Node:
+def _fold(children: Iterable[Node], absorbing: bool, kind: type) -> Node:
+    """Fold constants out of an AND (``absorbing=False``) or OR (``absorbing=True``).
+
+    ``children`` is a generator: substitution stops at the first absorbing
+    constant (FALSE for AND, TRUE for OR). A NULL child is kept once: it makes
+    an AND at best NULL and an OR at worst NULL.
+    """
     kept: list[Node] = []
     null = False
-    for child in children:  # a generator: stops substituting at the first FALSE
+    for child in children:
         if type(child) is Const:
-            if child.value is False:
-                return FALSE
+            if child.value is absorbing:
+                return TRUE if absorbing else FALSE
             if child.value is None:
                 null = True
             continue
@@ -351,35 +357,17 @@ def _fold_and(children: Iterable[Node]) -> Node:
     if null:
         kept.append(NULL)
     if not kept:
-        return TRUE
-    return kept[0] if len(kept) == 1 else And(tuple(kept))
-
-
-def _fold_or(children: Iterable[Node]) -> Node:
-    kept: list[Node] = []
-    null = False
-    for child in children:  # a generator: stops substituting at the first TRUE
-        if type(child) is Const:
-            if child.value is True:
-                return TRUE
-            if child.value is None:
-                null = True
-            continue
-        kept.append(child)
-    if null:
-        kept.append(NULL)
-    if not kept:
-        return FALSE
-    return kept[0] if len(kept) == 1 else Or(tuple(kept))
+        return FALSE if absorbing else TRUE
+    return kept[0] if len(kept) == 1 else kind(tuple(kept))
 
 
 def _substitute(node: Node, shard: str | None, truth: Mapping[Any, bool]) -> Node:
     """Replace continent/id atoms for ``shard`` (if given) and atoms in ``truth``; fold constants."""
     kind = type(node)
     if kind is And:
-        return _fold_and(_substitute(c, shard, truth) for c in node.children)
+        return _fold((_substitute(c, shard, truth) for c in node.children), False, And)
     if kind is Or:
-        return _fold_or(_substitute(c, shard, truth) for c in node.children)
+        return _fold((_substitute(c, shard, truth) for c in node.children), True, Or)
     if kind is Not:
         child = _substitute(node.child, shard, truth)
         if type(child) is Const:

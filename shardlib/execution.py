@@ -74,6 +74,7 @@ from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSele
 
 from . import guards
 from .analysis import canonical, is_exists_only, locality, shards_for
+from .gather import _nulls_first, _order_items
 from .shards import SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
@@ -310,37 +311,6 @@ def _int(clause: Any) -> int | None | object:
 
 
 _UNREADABLE = object()
-_MODIFIERS = (operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op)
-
-
-def _order_items(statement: Select[Any]) -> list[tuple[Any, bool, bool | None]]:
-    items = []
-    for clause in statement._order_by_clauses:
-        descending, nulls_first = False, None
-        while True:
-            if isinstance(clause, _label_reference):
-                clause = clause.element
-            elif isinstance(clause, UnaryExpression) and clause.modifier in _MODIFIERS:
-                if clause.modifier is operators.desc_op:
-                    descending = True
-                elif clause.modifier is operators.nulls_first_op:
-                    nulls_first = True
-                elif clause.modifier is operators.nulls_last_op:
-                    nulls_first = False
-                clause = clause.element
-            else:
-                break
-        items.append((clause, descending, nulls_first))
-    return items
-
-
-def _nulls_first(dialect_name: str, descending: bool, explicit: bool | None) -> bool:
-    if explicit is not None:
-        return explicit
-    null_is_smallest = dialect_name in ("sqlite", "mysql", "mariadb", "mssql")
-    return null_is_smallest != descending
-
-
 def _same(a: Any, b: Any) -> bool:
     while isinstance(a, Label):
         a = a.element

@@ -188,6 +188,15 @@ def insert_rows(statement: Any, params: Any) -> tuple[list[dict[str, Any]], dict
     return rows, expressions
 
 
+def check_explicit_id(what: str, location_id: Any, continent: str, shard: str) -> None:
+    """An explicit location id must name the shard its continent is stored on."""
+    if shard_for_id(location_id) != shard:
+        raise ValueError(
+            f"{what}: id {location_id!r} names shard {shard_for_id(location_id)!r}, but continent "
+            f"{continent!r} is stored on {shard!r}; leave the id unset and shardlib will allocate one"
+        )
+
+
 def route_insert_rows(
     table: str, rows: list[dict[str, Any]], pinned: str | None, allocate: Any, reserve: Any
 ) -> dict[str, list[dict[str, Any]]]:
@@ -210,13 +219,8 @@ def route_insert_rows(
             location_id = row.get("id")
             if location_id is None:
                 needs_id.append(position)
-            elif shard_for_id(location_id) != shard:
-                raise ValueError(
-                    f"INSERT of {row!r}: id {location_id!r} names shard {shard_for_id(location_id)!r}, but "
-                    f"continent {row['continent']!r} is stored on {shard!r}; leave id out and "
-                    f"shardlib will allocate one"
-                )
             else:
+                check_explicit_id(f"INSERT of {row!r}", location_id, row["continent"], shard)
                 explicit.append(location_id)
         else:
             shard = shard_for_id(row.get("location_id"))

@@ -37,7 +37,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, locking, routing, schema, twophase, upstream
+from . import execution, guards, locking, routing, schema, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -235,13 +235,8 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                 location_id = state.dict["id"] = None
             if location_id is None:
                 needs_id.append(state)
-            elif shard_for_id(location_id) != shard:
-                raise ValueError(
-                    f"{obj!r}: id {location_id} names shard {shard_for_id(location_id)!r}, but "
-                    f"continent {obj.continent!r} is stored on {shard!r}; leave id unset "
-                    f"and shardlib will allocate one"
-                )
             else:
+                guards.check_explicit_id(repr(obj), location_id, obj.continent, shard)
                 explicit.append(location_id)
         shard_index[state] = SHARD_IDS.index(shard)
         state.identity_token = shard  # ShardedSession reads it instead of asking again
