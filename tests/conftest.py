@@ -136,3 +136,37 @@ class Unsharded:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.dispose())
+
+
+@contextmanager
+def loaded_world(data: list[tuple[str, str, list[float]]]) -> Iterator[tuple[World, Unsharded]]:
+    """A sharded world and one unsharded database holding the same rows.
+
+    ``data`` is ``(continent, city, temperatures)`` per location; reports get
+    :data:`FIXED_TIME`. Report ids are shard-local, so the unsharded copy gets
+    its own (tests compare through ``location_id``, which is global).
+    """
+    with standalone_world() as world:
+
+        async def load() -> list[tuple[int, list[float]]]:
+            async with world.Session() as session:
+                locations = []
+                for continent, city, temps in data:
+                    location = WeatherLocation(continent, city)
+                    location.reports.extend(Report(t, FIXED_TIME) for t in temps)
+                    locations.append(location)
+                session.add_all(locations)
+                await session.commit()
+                return [(location.id, temps) for location, (_, _, temps) in zip(locations, data)]
+
+        stored = world.run(load())
+        unsharded = Unsharded(world.loop)
+        unsharded.insert(WeatherLocation, [dict(id=i, continent=c, city=city)
+                                           for (i, _), (c, city, _) in zip(stored, data)])
+        reports = [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, ts in stored for t in ts]
+        if reports:
+            unsharded.insert(Report, reports)
+        try:
+            yield world, unsharded
+        finally:
+            unsharded.close()

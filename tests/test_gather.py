@@ -13,7 +13,7 @@ from sqlalchemy import desc, distinct, func, select
 import shardlib
 from shardlib import Report, WeatherLocation as WL, gather, trace
 
-from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
+from .conftest import loaded_world, on_postgres
 
 CITIES = ["Victoria", "Santiago", "Cordoba", "London", "Tokyo", "Lima", "Perth"]
 
@@ -31,27 +31,9 @@ def _data() -> list[tuple[str, str, list[float]]]:
 
 @pytest.fixture(scope="module")
 def gw():
-    with standalone_world() as world:
-
-        async def load():
-            async with world.Session() as session:
-                locations = []
-                for continent, city, temps in _data():
-                    loc = WL(continent, city)
-                    loc.reports.extend(Report(t, FIXED_TIME) for t in temps)
-                    locations.append(loc)
-                session.add_all(locations)
-                await session.commit()
-                return [(l.id, l.continent, l.city, temps) for l, (_, _, temps) in zip(locations, _data())]
-
-        stored = world.run(load())
-        unsharded = Unsharded(world.loop)
-        unsharded.insert(WL, [dict(id=i, continent=c, city=city) for i, c, city, _ in stored])
-        unsharded.insert(
-            Report, [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, _, _, ts in stored for t in ts]
-        )
+    """(run, engines, unsharded) over the data above."""
+    with loaded_world(_data()) as (world, unsharded):
         yield world.run, world.engines, unsharded
-        unsharded.close()
 
 
 def _same(got: list, expected: list) -> bool:

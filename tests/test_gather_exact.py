@@ -24,7 +24,7 @@ import shardlib
 from shardlib import Report, WeatherLocation as WL, gather, trace
 from shardlib.gather import GatherPlan, GatherRefused, plan
 
-from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
+from .conftest import Unsharded, loaded_world, on_postgres
 
 CITIES = {
     "Asia": ["Tokyo", "osaka", "Lima ", "Ñandú", "apple", "Zed"],
@@ -50,27 +50,8 @@ def _data() -> list[tuple[str, str, list[float]]]:
 @pytest.fixture(scope="module")
 def xw():
     """(run, engines, unsharded) over the data above."""
-    with standalone_world() as world:
-
-        async def load():
-            async with world.Session() as session:
-                locations = []
-                for continent, city, temps in _data():
-                    location = WL(continent, city)
-                    location.reports.extend(Report(t, FIXED_TIME) for t in temps)
-                    locations.append(location)
-                session.add_all(locations)
-                await session.commit()
-                return [(l.id, l.continent, l.city, t) for l, (_, _, t) in zip(locations, _data())]
-
-        stored = world.run(load())
-        unsharded = Unsharded(world.loop)
-        unsharded.insert(WL, [dict(id=i, continent=c, city=city) for i, c, city, _ in stored])
-        unsharded.insert(
-            Report, [dict(location_id=i, temperature=t, report_time=FIXED_TIME) for i, _, _, ts in stored for t in ts]
-        )
+    with loaded_world(_data()) as (world, unsharded):
         yield world.run, world.engines, unsharded
-        unsharded.close()
 
 
 # ------------------------------------------------------------------ comparing

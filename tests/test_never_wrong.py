@@ -32,7 +32,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import SHARD_IDS, CrossShardRefused, Report, WeatherLocation, make_id, shard_for_id, trace
 
-from .conftest import FIXED_TIME, Unsharded, standalone_world
+from .conftest import FIXED_TIME, loaded_world, standalone_world
 
 WL = WeatherLocation
 CITIES = [
@@ -49,32 +49,9 @@ def both():
 
     Function-scoped: on PostgreSQL every world shares the same four databases,
     so a world made by another test would reset them under a longer-lived one."""
-    with standalone_world() as world:
-
-        async def load():
-            async with world.Session() as session:
-                locations = [WL(c, city) for c, city in CITIES]
-                pairs = []
-                for n, location in enumerate(locations):
-                    for k in range(n % 3):
-                        report = Report(float(10 * k + n), FIXED_TIME)
-                        location.reports.append(report)
-                        pairs.append((location, report))
-                session.add_all(locations)
-                await session.commit()
-                return (
-                    [dict(id=l.id, continent=l.continent, city=l.city) for l in locations],
-                    [dict(id=r.id, location_id=l.id, temperature=r.temperature, report_time=r.report_time)
-                     for l, r in pairs],
-                )
-
-        locations, reports = world.run(load())
-        oracle = Unsharded(world.loop)
-        oracle.insert(WL, locations)
-        # report ids are shard-local: the oracle gets fresh ones (they are never compared)
-        oracle.insert(Report, [{k: v for k, v in r.items() if k != "id"} for r in reports])
+    data = [(c, city, [float(10 * k + n) for k in range(n % 3)]) for n, (c, city) in enumerate(CITIES)]
+    with loaded_world(data) as (world, oracle):
         yield world, oracle
-        oracle.close()
 
 
 def sharded(world, statement, params=None, **kw) -> tuple[list[Any], list[str]]:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, CrossShardRefused, Report, WeatherLocation, trace
 
-from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
+from .conftest import Unsharded, loaded_world, on_postgres, standalone_world
 
 WL = WeatherLocation
 CONTINENTS = ["North America", "Asia", "Europe", "South America"]
@@ -150,29 +150,9 @@ def override(node: Any, replacements: dict[int, Any], counter: list[int]) -> Any
 
 @pytest.fixture(scope="module")
 def both():
-    with standalone_world() as world:
-
-        async def load():
-            async with world.Session() as session:
-                locations = [WL(c, city) for c, city in ROWS]
-                reports = []
-                for n, location in enumerate(locations):
-                    for k in range(n % 3):
-                        report = Report(float((7 * n + k) % 11), FIXED_TIME)
-                        location.reports.append(report)
-                        reports.append((location, report))
-                session.add_all(locations)
-                await session.commit()
-                return ([dict(id=l.id, continent=l.continent, city=l.city) for l in locations],
-                        [dict(location_id=l.id, temperature=r.temperature, report_time=r.report_time)
-                         for l, r in reports])
-
-        locations, reports = world.run(load())
-        oracle = Unsharded(world.loop)
-        oracle.insert(WL, locations)
-        oracle.insert(Report, reports)
+    data = [(c, city, [float((7 * n + k) % 11) for k in range(n % 3)]) for n, (c, city) in enumerate(ROWS)]
+    with loaded_world(data) as (world, oracle):
         yield world, oracle
-        oracle.close()
 
 
 def run_sharded(world, statement, params=None, pin=None):
