@@ -125,6 +125,11 @@ def test_solution_cells_hide_source_and_outputs(path: Path) -> None:
                 f"cell {index}: a solution must print and display nothing: JupyterLab shows a cell's output "
                 "again whenever it runs (outputs_hidden protects only the saved file), so Run All would reveal it"
             )
+            first_line = cell.source.split("\n", 1)[0]
+            assert first_line.strip() == "# Solution", (
+                f"cell {index}: a hidden cell's placeholder shows its first line, so it must be just "
+                f"'# Solution', not {first_line!r}"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
