@@ -74,27 +74,11 @@ from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSele
 
 from . import guards
 from .analysis import canonical, is_exists_only, locality, shards_for
-from .gather import _nulls_first, _order_items
+from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
 """Execution option: ``True`` restores ShardedSession's plain concatenation."""
-
-ROW_FUNCTIONS = frozenset({
-    "abs", "cast", "ceil", "ceiling", "char_length", "coalesce", "concat", "date", "datetime",
-    "floor", "ifnull", "instr", "julianday", "left", "length", "lower", "ltrim", "nullif",
-    "printf", "replace", "right", "round", "rtrim", "sign", "strftime", "substr", "substring",
-    "time", "trim", "upper", "now", "current_timestamp", "current_date", "random", "greatest",
-    "least", "mod", "power", "sqrt", "format", "to_char", "extract", "date_trunc",
-})
-"""Functions known to work row by row (safe to compute on each shard)."""
-
-AGGREGATES = frozenset({
-    "count", "sum", "avg", "min", "max", "total", "group_concat", "string_agg", "array_agg",
-    "json_group_array", "json_group_object", "json_agg", "jsonb_agg", "bool_and", "bool_or",
-    "every", "stddev", "variance", "percentile_cont", "percentile_disc", "mode",
-})
-
 
 class CrossShardRefused(NotImplementedError):
     """A statement shardlib cannot answer exactly across the shards it reaches."""
@@ -270,15 +254,16 @@ def _function_problem(expr: Any) -> str | None:
             continue  # a nested SELECT is checked by locality_problem: it runs per outer row
         if isinstance(element, Over):
             return f"the window function {element}"
-        if isinstance(element, FunctionElement):
+        if isinstance(element, FunctionElement):  # classified exactly as gather classifies it
             name = (getattr(element, "name", "") or "").lower()
-            arguments = len(element.clauses.clauses) if isinstance(element.clauses, ClauseList) else 1
-            if name in ("min", "max") and arguments > 1:
-                pass  # SQLite's min(a, b) is a per-row function
-            elif name in AGGREGATES:
-                return f"the aggregate {name}()"
-            elif name not in ROW_FUNCTIONS:
+            try:
+                kind = _function_kind(element)
+            except GatherRefused:
+                if name in UNMERGEABLE_AGGREGATES:
+                    return f"the aggregate {name}()"
                 return f"the function {name}() (shardlib cannot tell whether it is an aggregate)"
+            if kind == "aggregate":
+                return f"the aggregate {name}()"
         stack.extend(element.get_children())
     return None
 
