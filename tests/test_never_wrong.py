@@ -32,7 +32,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import SHARD_IDS, CrossShardRefused, Report, WeatherLocation, make_id, shard_for_id, trace
 
-from .conftest import FIXED_TIME, loaded_world, standalone_world
+from .conftest import FIXED_TIME, loaded_world, locations_by_shard, standalone_world
 
 WL = WeatherLocation
 CITIES = [
@@ -119,21 +119,8 @@ def test_routing_a_hundred_conditions_stays_exact_and_cheap() -> None:
 # ------------------------------------------------------------------ 2. writes
 
 
-def per_shard_rows(world) -> dict[str, list[tuple[int, str, str]]]:
-    """Each shard's weather_locations, read straight from its engine (no shardlib routing)."""
-    async def go():
-        found = {}
-        for shard, engine in world.engines.items():
-            async with engine.connect() as conn:
-                found[shard] = [tuple(r) for r in await conn.execute(
-                    text("SELECT id, continent, city FROM weather_locations ORDER BY id"))]
-        return found
-
-    return world.run(go())
-
-
 def assert_every_row_home(world) -> None:
-    for shard, rows in per_shard_rows(world).items():
+    for shard, rows in locations_by_shard(world).items():
         for location_id, continent, city in rows:
             assert shardlib.shard_for_continent(continent) == shard, (shard, continent, city)
             assert shard_for_id(location_id) == shard, (shard, location_id, city)
@@ -159,7 +146,7 @@ def test_core_insert_goes_to_exactly_the_rows_shards(fresh) -> None:
             return t.shards()
 
     world.run(go())
-    rows = per_shard_rows(world)
+    rows = locations_by_shard(world)
     assert sorted(c for _, _, c in rows["asia"]) == ["Kyoto", "Nara"]
     assert [c for _, _, c in rows["europe"]] == ["Oslo"]
     assert [c for _, _, c in rows["south_america"]] == ["Quito"]
@@ -180,7 +167,7 @@ def test_core_insert_of_a_bad_continent_writes_nothing(fresh) -> None:
 
     frame = world.run(go())
     assert len(frame) == 0  # no SQL at all, not even the counter
-    assert all(rows == [] for rows in per_shard_rows(world).values())
+    assert all(rows == [] for rows in locations_by_shard(world).values())
 
 
 def test_core_insert_of_reports_follows_the_location_id(fresh) -> None:

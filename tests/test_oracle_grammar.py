@@ -34,7 +34,7 @@ from sqlalchemy.orm import aliased
 import shardlib
 from shardlib import SHARD_FOR_CONTINENT, SHARD_IDS, CrossShardRefused, Report, WeatherLocation, trace
 
-from .conftest import Unsharded, loaded_world, on_postgres, standalone_world
+from .conftest import Unsharded, loaded_world, locations_by_shard, on_postgres, standalone_world
 
 WL = WeatherLocation
 CONTINENTS = ["North America", "Asia", "Europe", "South America"]
@@ -297,18 +297,6 @@ def test_result_shapes_are_exact_or_refused(both, shape, where, other, limit, of
 # ------------------------------------------------------------------ writes
 
 
-def shard_tables(world) -> dict[str, list[tuple]]:
-    async def go():
-        found = {}
-        for shard, engine in world.engines.items():
-            async with engine.connect() as conn:
-                found[shard] = [tuple(r) for r in await conn.execute(
-                    text("SELECT id, continent, city FROM weather_locations"))]
-        return found
-
-    return world.run(go())
-
-
 write_ops = st.lists(
     st.one_of(
         st.tuples(st.just("insert"), st.lists(st.tuples(continent_values, st.sampled_from(CITIES)),
@@ -331,7 +319,7 @@ def test_writes_land_where_their_key_says(ops) -> None:
         try:
             for op in ops:
                 _apply(world, oracle, op)
-                tables = shard_tables(world)
+                tables = locations_by_shard(world)
                 for shard, rows in tables.items():
                     for location_id, continent, city in rows:
                         assert SHARD_FOR_CONTINENT[continent] == shard, (op, shard, continent, city)
@@ -362,9 +350,9 @@ def _apply(world, oracle, op) -> None:
             with pytest.raises(ValueError):
                 world.run(through_session(insert(WL), rows, pin))
             return
-        before = {r for rows_ in shard_tables(world).values() for r in rows_}
+        before = {r for rows_ in locations_by_shard(world).values() for r in rows_}
         world.run(through_session(insert(WL), rows, pin))
-        new = [r for rows_ in shard_tables(world).values() for r in rows_ if r not in before]
+        new = [r for rows_ in locations_by_shard(world).values() for r in rows_ if r not in before]
         assert sorted((c, city) for _, c, city in new) == sorted(op[1])
         oracle.insert(WL, [dict(id=i, continent=c, city=city) for i, c, city in new])
     elif kind == "update_city":
