@@ -732,15 +732,10 @@ def _single_source(statement: Any) -> Any:
 
 
 def locality(statement: Any) -> tuple[str | None, bool]:
-    """(:func:`locality_problem`, :func:`reads_sharded_tables`) with one look at the statement."""
+    """(:func:`locality_problem`, does it read a sharded table at all?), with one look at the statement."""
     simple = _single_source(statement)
     if simple is not None:
         return None, _is_sharded_from(simple)
     return locality_problem(statement), _reads_sharded(statement)
 
 
-def reads_sharded_tables(statement: Any) -> bool:
-    simple = _single_source(statement)
-    if simple is not None:
-        return _is_sharded_from(simple)
-    return _reads_sharded(statement)

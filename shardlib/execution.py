@@ -236,7 +236,7 @@ def _visit_exists(statement: Select[Any]) -> list[Any]:
             column = column.element
         if isinstance(column, Exists):
             inner = column.element
-            while isinstance(inner, (ScalarSelect,)) or hasattr(inner, "element") and not isinstance(inner, Select):
+            while not isinstance(inner, Select):  # EXISTS wraps its SELECT in a grouping / scalar select
                 inner = inner.element
             found.append(inner)
     return found
