@@ -41,7 +41,8 @@ from . import execution, guards, locking, routing, schema, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
-from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
+from .shards import (COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent,
+                     shard_for_id, slot_for_continent, slot_of_id)
 
 GC_PAUSE_MIN_OBJECTS = 1000
 """Batches of at least this many objects pause the cyclic GC (see ``_gc_paused_for``)."""
@@ -194,7 +195,7 @@ def _check_stays_on_its_shard(obj: Any) -> None:
         if "continent" not in state.dict:
             return
         wanted = shard_for_continent(obj.continent)
-        if wanted != stored_on:
+        if wanted != stored_on or slot_for_continent(obj.continent) != slot_of_id(state.key[1][0]):
             raise ValueError(
                 f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
                 f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
@@ -250,7 +251,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         for state, number in zip(needs_id, numbers):
             # a pending object's INSERT reads its values from the instance dict;
             # writing there skips attribute events (this loop runs once per row)
-            location_id = state.dict["id"] = make_id(number, SHARD_IDS[shard_index[state]])
+            location_id = state.dict["id"] = make_id(number, state.dict["continent"])
             _ALLOCATED[state.obj()] = location_id
 
     # 4. group pending rows by shard, keeping their order within a shard
@@ -336,7 +337,7 @@ async def move_location(session: AsyncSession, location: WeatherLocation, contin
     state = inspect(location)
     if state.key is None:
         raise ValueError(f"{location!r} is not stored yet; just set its continent")
-    if state.key[2] == target:
+    if state.key[2] == target and slot_of_id(state.key[1][0]) == slot_for_continent(continent):
         location.continent = continent
         return location
     reports = await location.awaitable_attrs.reports
