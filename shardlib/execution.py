@@ -73,6 +73,8 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
 from . import guards
+from .catalog import ENGINES_KEY as _ENGINES
+from .catalog import refresh_map
 from .analysis import canonical, is_exists_only, locality, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SHARD_IDS
@@ -143,6 +145,8 @@ def _concatenate(results: list[Result[Any]]) -> Result[Any]:
 def execute(orm_context: ORMExecuteState) -> Result[Any]:
     """``do_orm_execute`` for shardlib sessions (see the module docstring)."""
     session = orm_context.session
+    if _ENGINES in session.info:
+        refresh_map(session)  # route by the catalog's current map (shardlib.catalog)
     statement = orm_context.statement
     params = orm_context.parameters
     pinned = pinned_shard(orm_context)

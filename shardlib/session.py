@@ -39,6 +39,8 @@ from sqlalchemy.orm.attributes import instance_state
 
 from . import execution, guards, locking, routing, schema, twophase, upstream
 from .engines import check_engines
+from .catalog import ENGINES_KEY as _ENGINES
+from .catalog import refresh_map
 from .ids import allocator_for
 from .models import Report, WeatherLocation
 from .shards import (COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent,
@@ -131,6 +133,8 @@ class ShardlibSession(ShardedSession):
         return connection
 
 
+
+
 @event.listens_for(ShardlibSession, "after_begin")
 def _remember_connection(session: Session, transaction: SessionTransaction, connection: Any) -> None:
     session.info.setdefault(_CONNECTED, set()).add(connection.engine)
@@ -221,6 +225,7 @@ def _check_stays_on_its_shard(obj: Any) -> None:
 
 @event.listens_for(ShardlibSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    refresh_map(session)
     new = [instance_state(o) for o in session.new]
     shard_index: dict[Any, int] = {}
     needs_id = []
@@ -304,7 +309,12 @@ def make_sessionmaker(
     for name in ("shard_chooser", "identity_chooser", "execute_chooser"):
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
-    info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    info: dict[str, Any] = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    sync_shards = getattr(engines, "sync_shards", None)  # ShardEngines: a live dict (shardlib.catalog)
+    if sync_shards is not None:
+        info[_ENGINES] = engines
+    else:
+        sync_shards = {shard: engines[shard].sync_engine for shard in SHARD_IDS}
     if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
         info[schema.CHECK_KEY] = False
     commit_log_engine = kw.pop("commit_log_engine", None)
@@ -314,7 +324,7 @@ def make_sessionmaker(
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
         expire_on_commit=kw.pop("expire_on_commit", False),
-        shards={shard: engines[shard].sync_engine for shard in SHARD_IDS},
+        shards=sync_shards,
         info=info,
         **choosers,
         **kw,
