@@ -50,12 +50,17 @@ from .models import Base, Report, WeatherLocation, id_counter
 from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
+from .catalog import Catalog, StaleMapError
+from .engines import ShardEngines
+from .resharding import ContinentMove, ContinentMoved, MoveError, VDiffMismatch, add_continent, move_continent
 from .shards import (
     CONTINENTS,
     COUNTER_SHARD,
     SHARD_BITS,
     SHARD_FOR_CONTINENT,
     SHARD_IDS,
+    DEFAULT_MAP,
+    ShardMap,
     make_id,
     shard_for_continent,
     shard_for_id,
@@ -86,4 +91,6 @@ __all__ = [
     "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
     "trace", "wrapped",
 ]
+__all__ += ["Catalog", "ContinentMove", "ContinentMoved", "DEFAULT_MAP", "MoveError", "ShardEngines", "ShardMap",
+            "StaleMapError", "VDiffMismatch", "add_continent", "move_continent"]  # the shard map as data
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

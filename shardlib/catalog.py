@@ -43,6 +43,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,20 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
+_OPEN: weakref.WeakSet[Catalog] = weakref.WeakSet()
+
+
+def mark_all_stale() -> None:
+    """Every catalog of this process reads its newest map at the next refresh."""
+    for catalog in list(_OPEN):
+        catalog.mark_stale()
+
+
 class Catalog:
-    """The shard map's durable home (module docstring). Use :meth:`open`."""
+    """The shard map's durable home (module docstring)."""
 
     def __init__(self, url: str, *, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
+        _OPEN.add(self)
         self.url = url
         self.refresh_interval = refresh_interval
         self._lock = threading.Lock()

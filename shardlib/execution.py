@@ -77,7 +77,7 @@ from .catalog import ENGINES_KEY as _ENGINES
 from .catalog import refresh_map
 from .analysis import canonical, is_exists_only, locality, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
-from .shards import SHARD_IDS
+from .shards import SERVING_SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
 """Execution option: ``True`` restores ShardedSession's plain concatenation."""
@@ -164,7 +164,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
         if problem:
             raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
         if not reads_sharded:
-            return _on(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
+            return _on(orm_context, SERVING_SHARD_IDS[0])  # select(literal(1)): one answer, not four
     if not concatenate and not loader and is_exists_only(statement):
         return _exists(orm_context, statement, params)
 
@@ -172,7 +172,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if orm_context.is_update:
         guards.check_update(statement, params, shards)
     if not shards:
-        shards = [SHARD_IDS[0]]
+        shards = [SERVING_SHARD_IDS[0]]
     if len(shards) == 1:
         return _on(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:
@@ -193,7 +193,7 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         if pinned is None:
             raise ValueError(
                 f"INSERT into {table!r} through a sharded session names no shard; pass "
-                f"bind_arguments={{'shard_id': ...}} with one of {', '.join(map(repr, SHARD_IDS))}"
+                f"bind_arguments={{'shard_id': ...}} with one of {', '.join(map(repr, SERVING_SHARD_IDS))}"
             )
         return _on(orm_context, pinned)
     from .session import allocate_ids, reserve_ids
@@ -226,7 +226,7 @@ def _exists(orm_context: ORMExecuteState, statement: Select[Any], params: Any) -
     needed: set[str] = set()
     for element in inner:
         needed.update(shards_for(element, params if isinstance(params, Mapping) else None))
-    shards = [s for s in SHARD_IDS if s in needed] or [SHARD_IDS[0]]
+    shards = [s for s in SERVING_SHARD_IDS if s in needed] or [SERVING_SHARD_IDS[0]]
     frozen = [_on(orm_context, s).freeze() for s in shards]
     rows = _rows(frozen)
     merged = tuple(any(bool(row[i]) for row in rows) for i in range(len(rows[0]))) if rows else ()

@@ -107,6 +107,7 @@ class ShardMap:
         if len(set(numbers)) != len(numbers) or not all(0 <= n <= _SHARD_MASK for n in numbers):
             raise ValueError(f"slots must be distinct numbers 0-{_SHARD_MASK}: {dict(self.slots)}")
         by_slot = {n: c for c, n in self.slots.items()}
+        object.__setattr__(self, "_serving", tuple(d for d in self.databases if d in set(self.placement.values())))
         object.__setattr__(self, "_slot_by_key", {**{logical_shard_name(c): n for c, n in self.slots.items()},
                                                    **self.slots})
         object.__setattr__(self, "_continent_by_slot", by_slot)
@@ -119,6 +120,13 @@ class ShardMap:
     def database_ids(self) -> tuple[str, ...]:
         """The databases, in canonical order (the session's shard ids)."""
         return tuple(self.databases)
+
+    @property
+    def serving(self) -> tuple[str, ...]:
+        """The databases that store at least one continent: a query that does not
+        name its continent visits these (a database being filled by a move, or
+        emptied by one, serves nothing and is never read by accident)."""
+        return self._serving  # type: ignore[attr-defined, no-any-return]
 
     @property
     def continents(self) -> tuple[str, ...]:
@@ -306,6 +314,31 @@ class _LiveContinents(_LiveDatabases):
 
 SHARD_IDS: Sequence[str] = _LiveDatabases()
 """The databases (the session's shard ids), in canonical order; flushes write in this order."""
+
+class _LiveServing(_LiveDatabases):
+    """``SERVING_SHARD_IDS``: the current map's databases that store a continent."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return _current.serving[index]
+
+    def __len__(self) -> int:
+        return len(_current.serving)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_current.serving)
+
+    def __contains__(self, value: object) -> bool:
+        return value in _current.serving
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        return _current.serving.index(value)
+
+    def __repr__(self) -> str:
+        return repr(_current.serving)
+
+
+SERVING_SHARD_IDS: Sequence[str] = _LiveServing()
+"""The databases that store at least one continent (what a fan-out visits)."""
 
 SHARD_FOR_CONTINENT: Mapping[str, str] = _LiveDirectory()
 """The directory: continent -> database. Several continents may share a database."""
