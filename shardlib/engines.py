@@ -156,6 +156,7 @@ class ShardEngines(dict[str, AsyncEngine]):
         self.catalog = catalog
         self._factory = factory
         self.sync_shards: dict[str, Any] = {name: e.sync_engine for name, e in engines.items()}
+        self.data_dir: Path | None = None
 
     def ensure(self, shard_map: ShardMap) -> list[str]:
         """Make engines for databases of ``shard_map`` that have none yet; return their names."""
@@ -219,7 +220,7 @@ def make_engines(
         catalog = Catalog(catalog_url) if catalog_url else None  # in-memory: the map stays in code
     shard_map = load_blocking(catalog) if catalog is not None else current_map()
 
-    def url_for(name: str, stored: str | None) -> str:
+    def url_for(name: str, stored: str | None, shard_map: ShardMap = shard_map) -> str:
         if urls is not None and name in urls:
             return urls[name]
         if stored:
@@ -241,6 +242,7 @@ def make_engines(
         if unknown or missing:
             check_engines({k: v for k, v in urls.items() if k not in missing})  # names them all
     engines = ShardEngines({}, catalog=catalog, factory=factory)
+    engines.data_dir = directory  # SQLite files live here; None with servers
     engines.ensure(shard_map)
     return engines
 

@@ -168,11 +168,11 @@ BEGIN
     IF EXISTS (SELECT 1 FROM shardlib_mover_token) THEN RETURN NULL; END IF;
     IF TG_OP <> 'INSERT' THEN
         key_old := OLD.id;
-        part_old := CASE WHEN tag = 'L' THEN OLD.id ELSE OLD.location_id END;
+        IF tag = 'L' THEN part_old := OLD.id; ELSE part_old := OLD.location_id; END IF;
     END IF;
     IF TG_OP <> 'DELETE' THEN
         key_new := NEW.id;
-        part_new := CASE WHEN tag = 'L' THEN NEW.id ELSE NEW.location_id END;
+        IF tag = 'L' THEN part_new := NEW.id; ELSE part_new := NEW.location_id; END IF;
     END IF;
     IF (part_new & 15) = s THEN
         INSERT INTO shardlib_changes (slot, tbl, pk) VALUES (s, tag, key_new);
@@ -468,6 +468,10 @@ class ContinentMove:
 
         shard_map = shards.current()
         if self.target not in shard_map.databases:
+            if self.url is None and getattr(self.engines, "data_dir", None) is None:
+                raise MoveError(f"{self.target!r} is a new database: give its URL, e.g. "
+                                f"ContinentMove(engines, {self.continent!r}, {self.target!r}, "
+                                f"url='postgresql+asyncpg://host/db'); the map stores it for every process")
             await self.catalog.publish(shard_map.with_database(self.target, self.url),
                                        reason=f"add database {self.target}")
             self.engines.ensure(shards.current())  # type: ignore[attr-defined]
@@ -600,10 +604,12 @@ class ContinentMove:
         self.stats.catch_up_rounds += 1
         return len(seqs)
 
-    async def catch_up(self, *, until_below: int = 0, limit: int = 2000) -> int:
-        """Apply captured changes until fewer than ``until_below`` remain after a
-        round (0: until the log is empty at the moment it is read). Returns how
-        many entries were applied."""
+    async def catch_up(self, *, until_below: int = 50, limit: int = 2000) -> int:
+        """Apply captured changes in rounds until a round finds fewer than
+        ``until_below`` entries (0: until a round finds the log empty). With
+        writers still writing the log never stays empty, so the default stops
+        when the lag is small; the cut-over's last catch-up, behind the fence,
+        empties it for good. Returns how many entries were applied."""
         self._need("copied", "caught_up", "fenced")
         applied = 0
         while True:
@@ -624,7 +630,15 @@ class ContinentMove:
         """VDiff: every location and report of the continent on source and target,
         compared column by column (reports through the id map). Returns a
         DataFrame of differences (``table``, ``key``, ``kind``: missing / extra /
-        different, and both sides' values); empty when they agree."""
+        different, and both sides' values); empty when they agree.
+
+        Writers may go on meanwhile. The source is read in one snapshot together
+        with its pending changes, then the target (which only the mover writes,
+        and not during ``verify``). A row that differs while a change of it is
+        pending is *in flight*, not a difference (``attrs["in flight"]`` counts
+        them); any other difference is real: every change visible in the
+        source's snapshot without a pending entry was applied before ``verify``
+        began."""
         import pandas as pd
 
         def snapshot(conn: Connection) -> tuple[dict[int, tuple[Any, ...]], dict[int, tuple[Any, ...]]]:
@@ -634,16 +648,32 @@ class ContinentMove:
                        for r in conn.execute(select(REPORTS).where(_slot_of(REPORTS.c.location_id, self.slot)))}
             return locations, reports
 
-        source_locations, source_reports = await self._read(self.source, snapshot)
-        target_locations, target_reports = await self._read(self.target, snapshot)
-        mapping = await self._read(self.target, lambda c: {int(a): int(b) for a, b in c.execute(
-            text("SELECT source_id, target_id FROM shardlib_moved_reports WHERE slot = :s"), {"s": self.slot})})
+        def source_side(conn: Connection) -> tuple[Any, Any, set[int], set[int]]:
+            locations, reports = snapshot(conn)
+            pending = list(conn.execute(text("SELECT tbl, pk FROM shardlib_changes WHERE slot = :s"),
+                                        {"s": self.slot}))
+            return (locations, reports, {int(pk) for tbl, pk in pending if tbl == "L"},
+                    {int(pk) for tbl, pk in pending if tbl == "R"})
+
+        def target_side(conn: Connection) -> tuple[Any, Any, dict[int, int]]:
+            locations, reports = snapshot(conn)
+            mapping = {int(a): int(b) for a, b in conn.execute(
+                text("SELECT source_id, target_id FROM shardlib_moved_reports WHERE slot = :s"), {"s": self.slot})}
+            return locations, reports, mapping
+
+        source_locations, source_reports, pending_locations, pending_reports = await self._read(self.source, source_side)
+        target_locations, target_reports, mapping = await self._read(self.target, target_side)
         rows: list[dict[str, Any]] = []
+        in_flight = 0
         for key in sorted(set(source_locations) | set(target_locations)):
             a, b = source_locations.get(key), target_locations.get(key)
             if a != b:
+                if key in pending_locations:
+                    in_flight += 1
+                    continue
                 kind = "missing" if b is None else "extra" if a is None else "different"
                 rows.append({"table": "weather_locations", "key": key, "kind": kind, "source": a, "target": b})
+        source_of = {t: s for s, t in mapping.items()}
         matched_targets = set()
         for key, values in sorted(source_reports.items()):
             target_id = mapping.get(key)
@@ -651,13 +681,20 @@ class ContinentMove:
             if target_id is not None:
                 matched_targets.add(target_id)
             if other != values:
+                if key in pending_reports:
+                    in_flight += 1
+                    continue
                 rows.append({"table": "weather_reports", "key": key,
                              "kind": "missing" if other is None else "different", "source": values, "target": other})
         for target_id in sorted(set(target_reports) - matched_targets):
+            if source_of.get(target_id) in pending_reports:
+                in_flight += 1
+                continue
             rows.append({"table": "weather_reports", "key": f"target id {target_id}", "kind": "extra",
                          "source": None, "target": target_reports[target_id]})
         diff = pd.DataFrame(rows, columns=["table", "key", "kind", "source", "target"])
         diff.attrs["compared"] = {"locations": len(source_locations), "reports": len(source_reports)}
+        diff.attrs["in flight"] = in_flight
         if raise_on_difference and len(diff):
             raise VDiffMismatch(
                 f"{self.continent}: {len(diff)} rows differ between {self.source!r} and {self.target!r} "
@@ -673,6 +710,8 @@ class ContinentMove:
         if verify and self.phase != "fenced":
             await self.catch_up()
             await self.verify(raise_on_difference=True)
+        if self.on_phase is not None:
+            self.on_phase("fencing")
         started = time.perf_counter()
         if self.phase != "fenced":
             version = shards.current().version + 1
@@ -685,7 +724,7 @@ class ContinentMove:
             await self._on(self.source, fence)
             self.stats.fence_ms = (time.perf_counter() - started) * 1000
             await self._record("fenced")
-        await self.catch_up()  # nothing can be written any more: this empties the log for good
+        await self.catch_up(until_below=0)  # nothing can be written any more: this empties the log for good
         source_counts = await self._read(self.source, self._counts)
         target_counts = await self._read(self.target, self._counts)
         if source_counts != target_counts:
@@ -716,11 +755,12 @@ class ContinentMove:
         The source keeps its fence (a process that never reloaded the map gets
         :class:`ContinentMoved`, not an empty answer from a half-empty table).
         Waits ``drain_seconds`` after the cut-over first (default: twice the
-        catalog's refresh interval on servers), so every process has re-read the
-        map before the rows disappear. Returns the rows deleted."""
+        catalog's refresh interval), so that every process has re-read the map
+        and transactions that began before the cut-over have ended before the
+        rows disappear (one that has not gets a retryable ContinentMoved). Returns the rows deleted."""
         self._need("cut_over")
         if drain_seconds is None:
-            drain_seconds = 0.0 if self.catalog.path is not None else 2 * REFRESH_INTERVAL_S
+            drain_seconds = 2 * REFRESH_INTERVAL_S
         if self._cut_over_at is not None:
             wait = drain_seconds - (time.monotonic() - self._cut_over_at)
             if wait > 0:

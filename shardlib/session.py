@@ -36,6 +36,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import StaleDataError
 
 from . import execution, guards, locking, routing, schema, twophase, upstream
 from .engines import check_engines
@@ -112,9 +113,17 @@ class ShardlibSession(ShardedSession):
 
     def flush(self, objects: Any = None) -> None:
         """Flush; a big flush runs with Python's cyclic garbage collector paused
-        (see :func:`_gc_paused_for`)."""
+        (see :func:`_gc_paused_for`). An UPDATE or DELETE that found its row gone
+        because the row's continent moved to another database meanwhile raises
+        the retryable :class:`shardlib.ContinentMoved`, not ``StaleDataError``."""
         with _gc_paused_for(len(self._new)):
-            super().flush(objects)
+            try:
+                super().flush(objects)
+            except StaleDataError as error:
+                moved = _moved_since_loaded(self)
+                if moved is None:
+                    raise
+                raise moved from error
 
     def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
                             **kw: Any) -> Any:
@@ -182,6 +191,26 @@ def reserve_ids(session: Session, numbers: list[int]) -> None:
     _allocator(session).reserve(numbers, own_connection=_counter_connection(session))
 
 
+def _moved_since_loaded(session: Session) -> Any:
+    """A :class:`~shardlib.resharding.ContinentMoved` if a changed or deleted
+    location was loaded from a database that no longer stores its continent."""
+    from .resharding import ContinentMoved
+
+    for obj in [*session.dirty, *session.deleted]:
+        state = inspect(obj)
+        if state.key is None or not isinstance(obj, WeatherLocation):
+            continue
+        location_id, loaded_from = state.key[1][0], state.key[2]
+        now = shard_for_id(location_id)
+        if now is not None and now != loaded_from:
+            return ContinentMoved(
+                f"{obj!r} was loaded from {loaded_from!r}, but its continent is now stored on "
+                f"{now!r} (the shard map changed during this transaction); nothing was written. "
+                f"The transaction is safe to run again (shardlib.run_transaction does)",
+                shard=loaded_from, code="shardlib_moved", statement=None, params=None, orig=None)
+    return None
+
+
 def _check_stays_on_its_shard(obj: Any) -> None:
     """A stored row cannot change shard by UPDATE: refuse before any SQL."""
     state = inspect(obj)
@@ -199,7 +228,9 @@ def _check_stays_on_its_shard(obj: Any) -> None:
         if "continent" not in state.dict:
             return
         wanted = shard_for_continent(obj.continent)
-        if wanted != stored_on or slot_for_continent(obj.continent) != slot_of_id(state.key[1][0]):
+        # logical shards, not databases: a move of the continent between loading and
+        # flushing changes the database, and the fence there answers (shardlib.resharding)
+        if slot_for_continent(obj.continent) != slot_of_id(state.key[1][0]):
             raise ValueError(
                 f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
                 f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
@@ -210,11 +241,17 @@ def _check_stays_on_its_shard(obj: Any) -> None:
         moved_to = [loc for loc in state.attrs.location.history.added if loc is not None]
         if moved_to:
             location, wanted = moved_to[0], routing.shard_of(moved_to[0])
+            new_id = moved_to[0].id
+            new_slot = slot_of_id(new_id) if new_id is not None else slot_for_continent(moved_to[0].continent)
         elif state.attrs.location_id.history.added:
             location, wanted = obj.location_id, shard_for_id(obj.location_id)
+            new_slot = slot_of_id(obj.location_id) if isinstance(obj.location_id, int) else None
         else:
             return
-        if wanted != stored_on:
+        old_id = state.committed_state.get("location_id", state.dict.get("location_id"))
+        same_logical_shard = (isinstance(old_id, int) and new_slot is not None
+                              and slot_of_id(old_id) == new_slot and wanted is not None)
+        if not same_logical_shard and wanted != stored_on:
             raise ValueError(
                 f"{obj!r} is stored on {stored_on!r} with its old location; its new location "
                 f"{location!r} is stored on {wanted!r}. A report lives on its location's shard, "
