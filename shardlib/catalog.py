@@ -102,6 +102,7 @@ class Catalog:
         self._stamp: Any = None          # SQLite: the file's (mtime, size, inode) when last read
         self._checked_at = float("-inf")  # servers: monotonic time of the last version read
         self._stale = False
+        self._map: ShardMap | None = None  # the map this catalog last activated
         self.path: Path | None = None
         self._engine: AsyncEngine | None = None
         if url.startswith("sqlite"):
@@ -214,12 +215,21 @@ class Catalog:
     def _activate(self, version: int, body: str) -> ShardMap:
         current = shards.current()
         if current.version == version and current.to_json() == body:
-            self._stale = False
-            return current
-        shard_map = ShardMap.from_json(version, body)
-        shards.activate(shard_map)
+            shard_map = current
+        else:
+            shard_map = ShardMap.from_json(version, body)
+            shards.activate(shard_map)
+        self._map = shard_map
         self._stale = False
         return shard_map
+
+    def use(self) -> ShardMap:
+        """Route this process by the map this catalog last read (no I/O): for a
+        process that works with two sets of shards in turn, e.g. tests."""
+        if self._map is None:
+            raise RuntimeError("this catalog has not been read yet: await catalog.load()")
+        shards.activate(self._map)
+        return self._map
 
     def mark_stale(self) -> None:
         """The next :meth:`refresh` reads the catalog (a fence said the map moved on)."""
@@ -231,6 +241,8 @@ class Catalog:
         Runs in synchronous code (session hooks). On servers it needs a
         greenlet context (inside an ``AsyncSession`` call), where the async
         engine can be used synchronously."""
+        if self._map is not None and shards.current() is not self._map:
+            shards.activate(self._map)  # another catalog's map was active (two worlds, one process)
         if self.path is not None:
             stamp = self._sqlite_stamp()
             if stamp == self._stamp and not self._stale:
@@ -272,6 +284,7 @@ class Catalog:
                                     f"first; reload the map and try again") from None
             self._checked_at = time.monotonic()
         shards.activate(new)
+        self._map = new
         return new
 
     async def reset(self) -> ShardMap:
@@ -288,6 +301,7 @@ class Catalog:
                     published_at=_now()))
             self._checked_at = time.monotonic()
         shards.activate(DEFAULT_MAP)
+        self._map = DEFAULT_MAP
         return DEFAULT_MAP
 
     async def history(self) -> Any:
@@ -341,6 +355,7 @@ def load_blocking(catalog: Catalog) -> ShardMap:
     if "error" in result:
         raise result["error"]
     catalog._checked_at = time.monotonic()
+    catalog._map = result["map"]
     return result["map"]  # type: ignore[no-any-return]
 
 

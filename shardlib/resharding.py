@@ -108,8 +108,9 @@ class ContinentMoved(ShardConflict):
 
 # ---------------------------------------------------------------------- SQL for each dialect
 
-def _sqlite_fence_triggers(slot: int, continent: str) -> list[str]:
-    message = f"{FENCE_PREFIX}: continent {continent} (logical shard {slot}) has moved away from this database"
+def _sqlite_fence_triggers(slot: int, continent: str, version: int) -> list[str]:
+    message = (f"{FENCE_PREFIX}: continent {continent} (logical shard {slot}) has moved away from this "
+               f"database (shard map version {version})")
     guard = "NOT EXISTS (SELECT 1 FROM shardlib_mover_token)"
     out = []
     for table, column in (("weather_locations", "id"), ("weather_reports", "location_id")):
@@ -143,7 +144,7 @@ def _sqlite_capture_triggers(slot: int) -> list[str]:
 _PG_SETUP = [
     """CREATE OR REPLACE FUNCTION shardlib_fence_check() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    key_old bigint; key_new bigint; c text; s integer;
+    key_old bigint; key_new bigint; c text; s integer; v integer;
 BEGIN
     IF TG_TABLE_NAME = 'weather_locations' THEN
         IF TG_OP <> 'INSERT' THEN key_old := OLD.id; END IF;
@@ -152,17 +153,17 @@ BEGIN
         IF TG_OP <> 'INSERT' THEN key_old := OLD.location_id; END IF;
         IF TG_OP <> 'DELETE' THEN key_new := NEW.location_id; END IF;
     END IF;
-    SELECT f.continent, f.slot INTO c, s FROM shardlib_fence f
+    SELECT f.continent, f.slot, f.map_version INTO c, s, v FROM shardlib_fence f
      WHERE f.slot = (key_old & 15) OR f.slot = (key_new & 15) LIMIT 1;
     IF c IS NOT NULL AND NOT EXISTS (SELECT 1 FROM shardlib_mover_token) THEN
-        RAISE EXCEPTION 'shardlib_fenced: continent % (logical shard %) has moved away from this database', c, s;
+        RAISE EXCEPTION 'shardlib_fenced: continent % (logical shard %) has moved away from this database (shard map version %)', c, s, v;
     END IF;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
 END $$""",
     """CREATE OR REPLACE FUNCTION shardlib_capture() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    s integer := TG_ARGV[0]::integer; tag text := TG_ARGV[1];
+    tag text := TG_ARGV[0];
     key_old bigint; key_new bigint; part_old bigint; part_new bigint;
 BEGIN
     IF EXISTS (SELECT 1 FROM shardlib_mover_token) THEN RETURN NULL; END IF;
@@ -174,11 +175,12 @@ BEGIN
         key_new := NEW.id;
         IF tag = 'L' THEN part_new := NEW.id; ELSE part_new := NEW.location_id; END IF;
     END IF;
-    IF (part_new & 15) = s THEN
-        INSERT INTO shardlib_changes (slot, tbl, pk) VALUES (s, tag, key_new);
+    IF key_new IS NOT NULL AND EXISTS (SELECT 1 FROM shardlib_capturing WHERE slot = (part_new & 15)) THEN
+        INSERT INTO shardlib_changes (slot, tbl, pk) VALUES (part_new & 15, tag, key_new);
     END IF;
-    IF (part_old & 15) = s AND (key_new IS NULL OR key_old <> key_new OR (part_new & 15) <> s) THEN
-        INSERT INTO shardlib_changes (slot, tbl, pk) VALUES (s, tag, key_old);
+    IF key_old IS NOT NULL AND (key_new IS NULL OR key_old <> key_new OR (part_old & 15) <> (part_new & 15))
+       AND EXISTS (SELECT 1 FROM shardlib_capturing WHERE slot = (part_old & 15)) THEN
+        INSERT INTO shardlib_changes (slot, tbl, pk) VALUES (part_old & 15, tag, key_old);
     END IF;
     RETURN NULL;
 END $$""",
@@ -197,6 +199,7 @@ def _setup_tables(conn: Connection) -> None:
         "tbl CHAR(1) NOT NULL, pk BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS shardlib_moved_reports (slot INTEGER NOT NULL, source_id BIGINT NOT NULL, "
         "target_id BIGINT NOT NULL, PRIMARY KEY (slot, source_id))",
+        "CREATE TABLE IF NOT EXISTS shardlib_capturing (slot INTEGER PRIMARY KEY)",
         "CREATE TABLE IF NOT EXISTS shardlib_moves (continent VARCHAR(50) PRIMARY KEY, slot INTEGER NOT NULL, "
         "source VARCHAR(100) NOT NULL, target VARCHAR(100) NOT NULL, phase VARCHAR(20) NOT NULL, "
         "copied_through BIGINT NOT NULL, cut_over_version INTEGER)",
@@ -205,14 +208,19 @@ def _setup_tables(conn: Connection) -> None:
     if pg:
         for sql in _PG_SETUP:
             conn.exec_driver_sql(sql)
-        for table in ("weather_locations", "weather_reports"):
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_trigger WHERE tgname = :n AND tgrelid = CAST(:t AS regclass)"),
-                {"n": f"shardlib_fence_{table}", "t": table}).first()
-            if not exists:
+        # installed once per database (DDL waits for every transaction on the table);
+        # afterwards fences and capture are switched by rows, never by DDL
+        for table, tag in (("weather_locations", "L"), ("weather_reports", "R")):
+            present = {name for (name,) in conn.execute(
+                text("SELECT tgname FROM pg_trigger WHERE tgrelid = CAST(:t AS regclass)"), {"t": table})}
+            if f"shardlib_fence_{table}" not in present:
                 conn.exec_driver_sql(
                     f"CREATE TRIGGER shardlib_fence_{table} BEFORE INSERT OR UPDATE OR DELETE ON {table} "
                     f"FOR EACH ROW EXECUTE FUNCTION shardlib_fence_check()")
+            if f"shardlib_capture_{table}" not in present:
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER shardlib_capture_{table} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION shardlib_capture('{tag}')")
 
 
 def _fence(conn: Connection, slot: int, continent: str, version: int) -> None:
@@ -221,7 +229,7 @@ def _fence(conn: Connection, slot: int, continent: str, version: int) -> None:
     conn.execute(text("INSERT INTO shardlib_fence (slot, continent, map_version) VALUES (:s, :c, :v)"),
                  {"s": slot, "c": continent, "v": version})
     if conn.dialect.name == "sqlite":
-        for sql in _sqlite_fence_triggers(slot, continent):
+        for sql in _sqlite_fence_triggers(slot, continent, version):
             conn.exec_driver_sql(sql)
 
 
@@ -240,20 +248,18 @@ def _install_capture(conn: Connection, slot: int) -> None:
         for sql in _sqlite_capture_triggers(slot):
             conn.exec_driver_sql(sql)
         return
-    for table, tag in (("weather_locations", "L"), ("weather_reports", "R")):
-        name = f"shardlib_capture_{slot}_{table}"
-        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON {table}")
-        conn.exec_driver_sql(f"CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-                             f"FOR EACH ROW EXECUTE FUNCTION shardlib_capture('{slot}', '{tag}')")
+    conn.execute(text("DELETE FROM shardlib_capturing WHERE slot = :s"), {"s": slot})
+    conn.execute(text("INSERT INTO shardlib_capturing (slot) VALUES (:s)"), {"s": slot})
 
 
 def _remove_capture(conn: Connection, slot: int) -> None:
-    for table in ("weather_locations", "weather_reports"):
-        if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite":
+        for table in ("weather_locations", "weather_reports"):
             for op in ("insert", "update", "delete"):
                 conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardlib_capture_{slot}_{table}_{op}")
-        else:
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardlib_capture_{slot}_{table} ON {table}")
+    else:
+        _setup_tables(conn)
+        conn.execute(text("DELETE FROM shardlib_capturing WHERE slot = :s"), {"s": slot})
     conn.execute(text("DELETE FROM shardlib_changes WHERE slot = :s"), {"s": slot})
 
 
@@ -269,7 +275,7 @@ def _drop_token(conn: Connection) -> None:
 
 def drop_sidecar(conn: Connection) -> None:
     """Remove every mover table (``reset`` calls it; triggers go with their tables)."""
-    for table in ("shardlib_fence", "shardlib_mover_token", "shardlib_changes",
+    for table in ("shardlib_fence", "shardlib_mover_token", "shardlib_changes", "shardlib_capturing",
                   "shardlib_moved_reports", "shardlib_moves"):
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
 
@@ -426,11 +432,10 @@ class ContinentMove:
         def go(conn: Connection) -> Any:
             if token:
                 _with_token(conn)
-            try:
-                return fn(conn)
-            finally:
-                if token:
-                    _drop_token(conn)
+            result = fn(conn)  # on an error the whole transaction, token included, rolls back
+            if token:
+                _drop_token(conn)
+            return result
 
         return await in_shard_transaction(self._engine(name), go)
 
@@ -472,15 +477,22 @@ class ContinentMove:
                 raise MoveError(f"{self.target!r} is a new database: give its URL, e.g. "
                                 f"ContinentMove(engines, {self.continent!r}, {self.target!r}, "
                                 f"url='postgresql+asyncpg://host/db'); the map stores it for every process")
-            await self.catalog.publish(shard_map.with_database(self.target, self.url),
-                                       reason=f"add database {self.target}")
-            self.engines.ensure(shards.current())  # type: ignore[attr-defined]
-            await migrations.rebuild(self._engine(self.target), self.target)
-            wanted = await self._read(self.source, schema.read_revisions)
-            have = await self._read(self.target, schema.read_revisions)
-            for revision in wanted:
-                if revision not in have:
-                    await migrations.migrate(self.engines, revision, shard=self.target)
+            # build its schema first (every process checks every database's schema
+            # revisions), then publish it: the map never names a database without tables
+            next_map = shard_map.with_database(self.target, self.url)
+            self.engines.ensure(next_map)  # type: ignore[attr-defined]
+            shards.activate(next_map)  # this process only, so the migrations know the name
+            try:
+                await migrations.rebuild(self._engine(self.target), self.target)
+                wanted = await self._read(self.source, schema.read_revisions)
+                have = await self._read(self.target, schema.read_revisions)
+                for revision in wanted:
+                    if revision not in have:
+                        await migrations.migrate(self.engines, revision, shard=self.target)
+            except BaseException:
+                shards.activate(shard_map)
+                raise
+            await self.catalog.publish(next_map, reason=f"add database {self.target}")
         else:
             self.engines.ensure(shard_map)  # type: ignore[attr-defined]
         version = shards.current().version
@@ -721,7 +733,14 @@ class ContinentMove:
                     conn.exec_driver_sql("LOCK TABLE weather_locations, weather_reports IN SHARE ROW EXCLUSIVE MODE")
                 _fence(conn, self.slot, self.continent, version)
 
-            await self._on(self.source, fence)
+            for attempt in range(1, 11):  # the LOCK can lose a deadlock to a writer: take it again
+                try:
+                    await self._on(self.source, fence)
+                    break
+                except ShardConflict:
+                    if attempt == 10:
+                        raise
+                    await asyncio.sleep(0.01 * attempt)
             self.stats.fence_ms = (time.perf_counter() - started) * 1000
             await self._record("fenced")
         await self.catch_up(until_below=0)  # nothing can be written any more: this empties the log for good
@@ -977,7 +996,7 @@ def fence_error(shard: str, exc: Any) -> ContinentMoved | None:
     continent = detail.removeprefix("continent ").strip()
     now = shards.current().placement.get(continent)
     where = (f"; the shard map (version {shards.current().version}) stores it on {now!r}"
-             if now and now != shard else "")
+             if now and now != shard else f"; this process routes by shard map version {shards.current().version}")
     return ContinentMoved(
         f"{message.splitlines()[0]}\nshard {shard!r}: a write for {continent!r} reached a database "
         f"that no longer stores it (this process routed by an older shard map){where}. Nothing was "

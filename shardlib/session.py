@@ -117,10 +117,12 @@ class ShardlibSession(ShardedSession):
         because the row's continent moved to another database meanwhile raises
         the retryable :class:`shardlib.ContinentMoved`, not ``StaleDataError``."""
         with _gc_paused_for(len(self._new)):
+            # a failed flush rolls back and expires them: note which rows it was changing
+            changing = [s.key for s in (*self.identity_map._modified, *self._deleted) if s.key is not None]
             try:
                 super().flush(objects)
             except StaleDataError as error:
-                moved = _moved_since_loaded(self)
+                moved = _moved_since_loaded(changing)
                 if moved is None:
                     raise
                 raise moved from error
@@ -191,20 +193,20 @@ def reserve_ids(session: Session, numbers: list[int]) -> None:
     _allocator(session).reserve(numbers, own_connection=_counter_connection(session))
 
 
-def _moved_since_loaded(session: Session) -> Any:
+def _moved_since_loaded(keys: list[Any]) -> Any:
     """A :class:`~shardlib.resharding.ContinentMoved` if a changed or deleted
-    location was loaded from a database that no longer stores its continent."""
+    location (identity ``keys``) was loaded from a database that no longer
+    stores its continent."""
     from .resharding import ContinentMoved
 
-    for obj in [*session.dirty, *session.deleted]:
-        state = inspect(obj)
-        if state.key is None or not isinstance(obj, WeatherLocation):
+    for key in keys:
+        if key[0] is not WeatherLocation:
             continue
-        location_id, loaded_from = state.key[1][0], state.key[2]
+        location_id, loaded_from = key[1][0], key[2]
         now = shard_for_id(location_id)
         if now is not None and now != loaded_from:
             return ContinentMoved(
-                f"{obj!r} was loaded from {loaded_from!r}, but its continent is now stored on "
+                f"WeatherLocation {location_id} was loaded from {loaded_from!r}, but its continent is now stored on "
                 f"{now!r} (the shard map changed during this transaction); nothing was written. "
                 f"The transaction is safe to run again (shardlib.run_transaction does)",
                 shard=loaded_from, code="shardlib_moved", statement=None, params=None, orig=None)
