@@ -514,3 +514,30 @@ def test_self_joins_after_a_move_route_to_the_minimal_databases(moved_both, clau
     count = len([n for n in statement.compile().bind_names.values() if n.startswith("continent")])
     chosen = data.draw(st.dictionaries(st.integers(1, max(1, count)), continent_values, max_size=2))
     _self_join(moved_both, clause, chosen)
+
+
+def test_reads_during_every_phase_count_each_row_once(world: World) -> None:
+    """The target holds a copy before the cut-over and the source keeps one until
+    clean-up: queries that name no continent must still see each row once."""
+    seeded(world, extra_europe=9)
+    target, url = spare()
+    expected = sorted((r[0], r[2]) for rows in raw_locations(world).values() for r in rows)
+
+    async def everything() -> list[tuple[int, str]]:
+        async with world.Session() as session:
+            rows = (await session.execute(select(WeatherLocation.id, WeatherLocation.city))).all()
+            count = (await session.execute(select(func.count()).select_from(WeatherLocation))).scalar_one()
+        assert count == len(rows)
+        return sorted(tuple(r) for r in rows)
+
+    async def go() -> list[str]:
+        seen = []
+        m = ContinentMove(world.engines, "Europe", target, url=url, batch_size=4)
+        for phase in ("prepare", "copy", "catch_up", "cut_over", "clean_up"):
+            step = getattr(m, phase)
+            await (step(drain_seconds=0) if phase == "clean_up" else step())
+            assert await everything() == expected, phase
+            seen.append(phase)
+        return seen
+
+    assert world.run(go()) == ["prepare", "copy", "catch_up", "cut_over", "clean_up"]
