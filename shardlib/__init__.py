@@ -19,8 +19,11 @@ Quick tour::
 
     await shardlib.show_shards(engines, "weather_locations")
 
-Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
-layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
+Modules, one job each: :mod:`~shardlib.shards` (the shard map as data, with
+a version, and the id layout), :mod:`~shardlib.catalog` (where the map is
+stored), :mod:`~shardlib.resharding` (moving a continent while it is written),
+:mod:`~shardlib.movelab` (writers that prove a move loses nothing),
+:mod:`~shardlib.cities` (real GeoNames cities), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
 :mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
 shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
