@@ -469,32 +469,10 @@ class ContinentMove:
         """Add the target to the map if it is new (built empty through the
         migrations), fence the continent on the target, and start capturing
         the source's changes. Idempotent."""
-        from . import migrations, schema
-
-        shard_map = shards.current()
-        if self.target not in shard_map.databases:
-            if self.url is None and getattr(self.engines, "data_dir", None) is None:
-                raise MoveError(f"{self.target!r} is a new database: give its URL, e.g. "
-                                f"ContinentMove(engines, {self.continent!r}, {self.target!r}, "
-                                f"url='postgresql+asyncpg://host/db'); the map stores it for every process")
-            # build its schema first (every process checks every database's schema
-            # revisions), then publish it: the map never names a database without tables
-            next_map = shard_map.with_database(self.target, self.url)
-            self.engines.ensure(next_map)  # type: ignore[attr-defined]
-            shards.activate(next_map)  # this process only, so the migrations know the name
-            try:
-                await migrations.rebuild(self._engine(self.target), self.target)
-                wanted = await self._read(self.source, schema.read_revisions)
-                have = await self._read(self.target, schema.read_revisions)
-                for revision in wanted:
-                    if revision not in have:
-                        await migrations.migrate(self.engines, revision, shard=self.target)
-            except BaseException:
-                shards.activate(shard_map)
-                raise
-            await self.catalog.publish(next_map, reason=f"add database {self.target}")
+        if self.target not in shards.current().databases:
+            await add_database(self.engines, self.target, self.url)
         else:
-            self.engines.ensure(shard_map)  # type: ignore[attr-defined]
+            self.engines.ensure(shards.current())  # type: ignore[attr-defined]
         version = shards.current().version
         await self._on(self.target, lambda c: _fence(c, self.slot, self.continent, version))
         await self._on(self.source, lambda c: (_setup_tables(c), _install_capture(c, self.slot)))
@@ -976,12 +954,49 @@ async def move_continent(engines: Mapping[str, AsyncEngine], continent: str, tar
     return move
 
 
-async def add_continent(engines: Mapping[str, AsyncEngine], continent: str, database: str) -> ShardMap:
-    """Add a continent to the map (the next free logical shard) on an existing
-    database; no row moves. Returns the new map."""
+async def add_database(engines: Mapping[str, AsyncEngine], name: str, url: str | None = None) -> ShardMap:
+    """Add an empty database to the map: its schema is built through the
+    migrations (at the revisions the other databases have) *before* the map
+    names it, because every process checks every database's schema revisions.
+    ``url``: its server URL (with SQLite shards, a file in the data directory)."""
+    from . import migrations, schema
+
+    catalog = getattr(engines, "catalog", None)
+    if catalog is None:
+        raise MoveError("changing the shard map needs a catalog: use the engines shardlib.make_engines() returns")
+    shard_map = shards.current()
+    if url is None and getattr(engines, "data_dir", None) is None:
+        raise MoveError(f"{name!r} is a new database: give its URL (url='postgresql+asyncpg://host/db'); "
+                        f"the map stores it for every process")
+    next_map = shard_map.with_database(name, url)  # ValueError if the name is taken or not an identifier
+    engines.ensure(next_map)  # type: ignore[attr-defined]
+    shards.activate(next_map)  # this process only, so that the migrations know the name
+    try:
+        await migrations.rebuild(engines[name], name)
+        some = next(d for d in shard_map.databases if d in engines)
+        wanted = await _in_transaction(engines[some], schema.read_revisions)
+        have = await _in_transaction(engines[name], schema.read_revisions)
+        for revision in wanted:
+            if revision not in have:
+                await migrations.migrate(engines, revision, shard=name)
+    except BaseException:
+        shards.activate(shard_map)
+        raise
+    return await catalog.publish(next_map, reason=f"add database {name}")
+
+
+async def add_continent(engines: Mapping[str, AsyncEngine], continent: str, database: str, *,
+                        url: str | None = None) -> ShardMap:
+    """Add a continent to the map (the next free logical shard) on ``database``,
+    an existing one or a new one (then ``url`` for servers); no row moves.
+    Returns the new map."""
     catalog = getattr(engines, "catalog", None)
     if catalog is None:
         raise MoveError("adding a continent needs the shard map in a catalog (shardlib.make_engines())")
+    shards.current().with_continent(continent, database if database in shards.current().databases
+                                    else next(iter(shards.current().databases)))  # validate first
+    if database not in shards.current().databases:
+        await add_database(engines, database, url)
     return await catalog.publish(shards.current().with_continent(continent, database),
                                  reason=f"add {continent} on {database}")
 
@@ -1007,4 +1022,4 @@ def fence_error(shard: str, exc: Any) -> ContinentMoved | None:
 
 
 __all__ = ["ContinentMove", "ContinentMoved", "MoveError", "MoveStats", "VDiffMismatch",
-           "add_continent", "drop_sidecar", "fence_error", "move_continent"]
+           "add_continent", "add_database", "drop_sidecar", "fence_error", "move_continent"]

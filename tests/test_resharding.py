@@ -170,6 +170,29 @@ def test_new_continents_join_the_map_without_moving_rows(world: World) -> None:
         ContinentMove(world.engines, "Europe", "somewhere_new")
 
 
+def test_a_new_continent_on_a_new_database(world: World) -> None:
+    urls = dict(p.split("=", 1) for p in os.environ.get("SHARDLIB_SPARE_URLS", "").split(",") if p)
+    name, url = ("spare_2", urls.get("spare_2")) if on_postgres() else ("oceania", None)
+    if on_postgres() and url is None:
+        pytest.skip("SHARDLIB_SPARE_URLS names no spare_2")
+    seeded(world, extra_europe=0)
+    new_map = world.run(shardlib.add_continent(world.engines, "Oceania", name, url=url))
+    assert new_map.placement["Oceania"] == name and new_map.serving[-1] == name
+
+    async def go() -> list[str]:
+        async with world.Session() as session:
+            session.add(WeatherLocation("Oceania", "Auckland"))
+            await session.commit()
+        async with world.Session() as session:
+            with shardlib.trace(world.engines) as t:
+                rows = (await session.execute(select(WeatherLocation.city).order_by(WeatherLocation.city))).scalars().all()
+        assert "Auckland" in rows and len(rows) == len(SEED_CITIES) + 1
+        return t.shards()
+
+    assert world.run(go())[-1] == name  # fan-outs now include it
+    assert [r[2] for r in raw_locations(world)[name]] == ["Auckland"]
+
+
 def test_publishing_is_compare_and_swap(world: World) -> None:
     catalog = world.engines.catalog
     first = shards.current()
