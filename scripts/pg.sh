@@ -2,7 +2,8 @@
 # Throwaway local PostgreSQL servers for shardlab, loopback only: one server per
 # shard (its own data directory, port and process), plus a fifth server,
 # "coordinator", holding the unsharded "oracle" database the tests compare with
-# and two empty databases (spare_1, spare_2) a continent can be moved to.
+# two empty databases (spare_1, spare_2) a continent can be moved to, and the
+# shard map's catalog (shardlab_catalog), on a server no shard outage takes down.
 #
 #   scripts/pg.sh up            # initdb (first time), start all five, create databases, print exports
 #   scripts/pg.sh env           # print the exports again
@@ -83,6 +84,7 @@ print_env() {
         sep=","
     done
     echo "export SHARDLIB_SPARE_URLS=\"$urls\""
+    echo "export SHARDLIB_CATALOG_URL=\"postgresql+asyncpg://$USER_NAME@127.0.0.1:$(port_of coordinator)/shardlab_catalog\""
 }
 
 free_port() {
@@ -108,7 +110,7 @@ start_one() {
     fi
     "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$USER_NAME" "$(database_of "$name")" 2>/dev/null || true
     if [ "$name" = coordinator ]; then  # empty databases a continent can be moved to (notebook 14)
-        for s in $SPARES; do "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$USER_NAME" "shardlab_$s" 2>/dev/null || true; done
+        for s in $SPARES catalog; do "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$USER_NAME" "shardlab_$s" 2>/dev/null || true; done
     fi
 }
 

@@ -254,9 +254,13 @@ class Catalog:
         now = time.monotonic()
         if not self._stale and now - self._checked_at < self.refresh_interval:
             return shards.current()
-        with self.engine.sync_engine.connect() as conn:
-            latest = self._server_latest_sync(conn)
-            conn.commit()
+        try:
+            with self.engine.sync_engine.connect() as conn:
+                latest = self._server_latest_sync(conn)
+                conn.commit()
+        except Exception:  # the catalog's server is down: route by the last map read
+            self._checked_at = now  # (fences keep that safe) and try again an interval later
+            return shards.current()
         self._checked_at = now
         return self._activate(*latest) if latest else shards.current()
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .conflicts import install_error_names
@@ -218,7 +219,13 @@ def make_engines(
         elif catalog_url is None and counter_url:
             catalog_url = counter_url  # a server: beside the id counter
         catalog = Catalog(catalog_url) if catalog_url else None  # in-memory: the map stays in code
-    shard_map = load_blocking(catalog) if catalog is not None else current_map()
+    try:
+        shard_map = load_blocking(catalog) if catalog is not None else current_map()
+    except (OSError, DBAPIError) as error:
+        raise RuntimeError(
+            f"cannot read the shard map from its catalog at {catalog.url if catalog else None!r}: "
+            f"{error!r}. Without it this process cannot know which database stores each continent; "
+            f"start the catalog's server, or point SHARDLIB_CATALOG_URL at it") from error
 
     def url_for(name: str, stored: str | None, shard_map: ShardMap = shard_map) -> str:
         if urls is not None and name in urls:
