@@ -168,7 +168,8 @@ The map is stored in the **catalog**: `catalog.db` beside the SQLite shards
 `SHARDLIB_CATALOG_URL` points). Every version is kept; a change inserts
 version *n + 1* and never edits an old one. Two movers publishing at once
 cannot both win: the second insert of the same version number fails
-(compare-and-swap), as Vitess's topology server or etcd would refuse it.
+(compare-and-swap, the way Vitess's topology server in etcd or ZooKeeper
+guards its records).
 
 Every session asks the catalog before it routes. On SQLite that costs one
 `os.stat()` of `catalog.db` (microseconds); on servers the version is read at
@@ -291,7 +292,7 @@ t.frame()
 md("""
 ## A new continent, without moving a row
 
-Our map has four continents; the data has six. A continent the map does not
+Our map has four continents; the data has more. A continent the map does not
 know is refused at once, with the valid ones read from the map:
 """)
 
@@ -602,9 +603,9 @@ assert shardlib.SHARD_FOR_CONTINENT["Asia"] == "asia", "the map must not change 
 
 md("""
 How to repair? Here nobody knows *why* the target is wrong, so the safe
-answer is to throw the copy away: `abort()` deletes the target's partial copy,
-stops the capture and lifts the fences (the source was never changed by the
-mover, so it still holds every row); then the move starts again. The three
+answer is to throw the copy away: `abort()` deletes the target's partial copy
+and stops the capture on the source (which the mover never changed, so it
+still holds every row); then the move starts again. The three
 phases in one cell this time:
 """)
 
@@ -831,9 +832,9 @@ md("""
 ## Reverse: moving back before clean-up
 
 Until clean-up the old database keeps its copy as of the cut-over. If the new
-database misbehaves, `reverse()` moves the continent back: it reuses that copy
-(the report id map is turned around), copies only what changed since, and
-cuts over again: version 5. The row written on the target meanwhile (the
+database misbehaves, `reverse()` moves the continent back with the same
+phases, over that old copy (reports get their old ids back through the
+turned-around report id map), and cuts over again: version 5. The row written on the target meanwhile (the
 retried city) comes back with it. Vitess's `ReverseTraffic`
 does the same with a reverse replication stream it starts at the switch.
 (Run again, the cell finds the move already reversed.)
@@ -1054,7 +1055,7 @@ md("""
 | --- | --- | --- | --- |
 | map | a versioned `ShardMap` in the catalog | keyspaces, shards (key ranges) and routing rules in the topology server (etcd, ZooKeeper) | `pg_dist_shard` and `pg_dist_placement` on the coordinator |
 | prepare | add the database, build its schema, fence the target, capture triggers on the source | create the target keyspace or shards and a VReplication workflow; traffic still goes to the source | `citus_move_shard_placement()` creates the shard's tables on the target node and sets up logical replication |
-| copy | batches in id order, one snapshot each | copies each table in primary-key order, catching up from the binlog between copy cycles | the subscription's initial copy |
+| copy | batches in id order, one snapshot each | copies each table in primary-key order, catching up from the binlog between copy cycles | an initial copy of the shard's rows |
 | catch up | re-read the logged rows, write their current state | VReplication applies the binlog's row events from the recorded position, continuously | logical replication applies the WAL changes |
 | verify | `verify()`: a VDiff DataFrame, cut-over refused on a difference | `VDiff`: row-by-row comparison at a consistent replication position | no separate diff: it relies on logical replication |
 | cut over | fence the source, last catch-up, publish version *n + 1* | `SwitchTraffic`: reads first, then writes: the source stops taking writes, the target catches up to its position, a reverse stream starts, routing switches; vtgate can **buffer** queries meanwhile | writes to the shard are blocked for the final catch-up, then the metadata is switched |
