@@ -533,7 +533,8 @@ code('''
 applied = await move.catch_up()
 target_city_after["catch_up"] = await city_on(TARGET, FIRST)
 diff = await move.verify()
-assert len(diff) == 0 and diff.attrs["in flight"] == 0, f"expected no difference after catch-up, got {diff}"
+assert len(diff) == 0 and diff.attrs["in flight"] == 0, (
+    f"expected no difference after catch-up, got {len(diff)} and {diff.attrs['in flight']} in flight: run from the prepare cell")
 print(f"applied {applied} captured changes; now on {TARGET}: {target_city_after['catch_up']!r}")
 print(f"VDiff: {len(diff)} differences, {diff.attrs['in flight']} in flight")
 await rows_per_database()
@@ -672,6 +673,7 @@ if move.phase != "cut_over":
             across = f"ContinentMoved on {error.shard!r}, retryable: {shardlib.is_retryable(error)}"
     print(f"cut-over: writes to Asia paused for {pause_ms:.1f} ms (measured)")
     print(f"the transaction open across the cut-over: {across}")
+    assert across.startswith("ContinentMoved"), f"a change made across the cut-over must not commit on asia: {across}"
 assert shardlib.SHARD_FOR_CONTINENT["Asia"] == TARGET, f"expected Asia on {TARGET}, the map says {dict(shardlib.SHARD_FOR_CONTINENT)}"
 print(f"map version {shards.current().version}")
 display(shards.current().frame())
