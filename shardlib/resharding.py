@@ -814,6 +814,10 @@ class ContinentMove:
         await back.clean_up(drain_seconds=0 if self.catalog.path is not None else None)
         # the forward move's bookkeeping on the old source is finished too
         await self._on(self.source, lambda c: _remove_capture(c, self.slot))
+        # and its report id map on the old target names reports clean-up has deleted: a later
+        # move to that database would take them for copied reports and never write them
+        await self._on(self.target, lambda c: c.execute(
+            text("DELETE FROM shardlib_moved_reports WHERE slot = :s"), {"s": self.slot}))
         self.phase = "reversed"
         return back
 

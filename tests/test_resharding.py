@@ -565,3 +565,38 @@ def test_reads_during_every_phase_count_each_row_once(world: World) -> None:
         return seen
 
     assert world.run(go()) == ["prepare", "copy", "catch_up", "cut_over", "clean_up"]
+
+
+def test_a_continent_moved_back_by_reverse_can_move_to_the_same_database_again(world: World) -> None:
+    """reverse() must leave no report id map behind on the database it left: a later move
+    there would take the (deleted) reports for copied ones and never write them."""
+    seeded(world, extra_europe=12)
+    target, url = spare()
+
+    async def go() -> tuple[Any, dict[str, int]]:
+        m = ContinentMove(world.engines, "Europe", target, url=url, batch_size=5)
+        await m.prepare()
+        await m.copy()
+        await m.catch_up()
+        await m.cut_over()
+        await m.reverse()
+        again = ContinentMove(world.engines, "Europe", target, url=url, batch_size=5)
+        await again.prepare()
+        await again.copy()
+        await again.catch_up()
+        diff = await again.verify()
+        await again.cut_over()
+        await again.clean_up(drain_seconds=0)
+        counts = {}
+        for name in ("europe", target):
+            async with world.engines[name].connect() as conn:
+                counts[name] = (await conn.execute(text(
+                    "SELECT count(*) FROM weather_reports r JOIN weather_locations l ON l.id = r.location_id "
+                    "WHERE l.continent = 'Europe'"))).scalar_one()
+        return diff, counts
+
+    expected_reports = sum(n % 3 for n in range(12))
+    diff, counts = world.run(go())
+    assert len(diff) == 0, diff
+    assert counts == {"europe": 0, target: expected_reports}, counts
+    assert shards.current().placement["Europe"] == target
