@@ -714,6 +714,8 @@ class ContinentMove:
         if verify and self.phase != "fenced":
             await self.catch_up()
             await self.verify(raise_on_difference=True)
+        if self.phase != "fenced":
+            await self.catch_up()  # what was written during verify(): the fenced drain stays short
         if self.on_phase is not None:
             self.on_phase("fencing")
         started = time.perf_counter()
