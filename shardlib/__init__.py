@@ -28,7 +28,9 @@ shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
 :mod:`~shardlib.conflicts` (which errors are retryable), :mod:`~shardlib.retry`
 (``run_transaction``), :mod:`~shardlib.upstream` (the seed's choosers, for comparison),
 :mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
-two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
+two-phase commit), :mod:`~shardlib.outages` (a shard server that is down),
+:mod:`~shardlib.lookups` (lookup tables: global secondary indexes, unique
+station codes) and :mod:`~shardlib.reference` (tables copied to every shard).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from .schema import SchemaDriftError
 from .outages import ShardUnavailable
 from .twophase import DecisionRefused, recover, recovery_task
 from .locking import take_write_ticket
-from .models import Base, Report, WeatherLocation, id_counter
+from .models import Base, Country, Report, WeatherLocation, id_counter
+from .lookups import DuplicateLookupValue
+from . import lookups, reference
 from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -86,4 +90,5 @@ __all__ = [
     "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
     "trace", "wrapped",
 ]
+__all__ += ["Country", "DuplicateLookupValue", "lookups", "reference"]  # shardlib.lookups, shardlib.reference
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

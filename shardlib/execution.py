@@ -72,7 +72,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards
+from . import guards, lookups, reference
 from .analysis import canonical, is_exists_only, locality, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SHARD_IDS
@@ -148,9 +148,13 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     pinned = pinned_shard(orm_context)
     if orm_context.is_insert:
         return _insert(orm_context, statement, params, pinned)
+    if reference.is_reference_write(orm_context) and pinned is None:
+        return _concatenate([_on(orm_context, s) for s in SHARD_IDS])  # every copy (shardlib.reference)
     if pinned is not None:
         if orm_context.is_update:
             guards.check_update(statement, params, [pinned])
+        if orm_context.is_update or orm_context.is_delete:
+            lookups.before_update_or_delete(orm_context, [pinned])  # shardlib.lookups
         return _on(orm_context, pinned)
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
@@ -164,9 +168,17 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if not concatenate and not loader and is_exists_only(statement):
         return _exists(orm_context, statement, params)
 
+    # ---- lookup tables (shardlib.lookups): ask them first; the chooser reads their answers
+    answers = None if loader else lookups.ask(orm_context)
+    if answers is not None and orm_context.is_select and isinstance(statement, Select) and not shards_for(
+            statement, params if isinstance(params, Mapping) else None, lookups=answers):
+        return _empty(statement)  # the lookup says no shard holds such a row: ask none
+    # ----
     shards = list(session.execute_chooser(orm_context))
     if orm_context.is_update:
         guards.check_update(statement, params, shards)
+    if orm_context.is_update or orm_context.is_delete:
+        lookups.before_update_or_delete(orm_context, shards)  # shardlib.lookups
     if not shards:
         shards = [SHARD_IDS[0]]
     if len(shards) == 1:
@@ -185,6 +197,8 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
 
 def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: str | None) -> Result[Any]:
     table = guards.target_table_name(statement)
+    if table in reference.REFERENCE_TABLE_NAMES and pinned is None:
+        return _concatenate([_on(orm_context, s) for s in SHARD_IDS])  # every copy (shardlib.reference)
     if table not in (guards.LOCATIONS, guards.REPORTS):
         if pinned is None:
             raise ValueError(
@@ -201,6 +215,8 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         allocate=lambda n: allocate_ids(session, n),
         reserve=lambda numbers: reserve_ids(session, numbers),
     )
+    if table == guards.LOCATIONS:
+        lookups.after_insert_routing(session, per_shard)  # entries before the rows (shardlib.lookups)
     from sqlalchemy import insert
 
     # a Core INSERT per shard: the ORM's bulk path refuses per-shard connections
@@ -211,6 +227,14 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         shard_statement = shard_statement.returning(*statement._returning)
     results = [_on(orm_context, shard, shard_statement, shard_rows) for shard, shard_rows in per_shard.items()]
     return _concatenate(results)
+
+
+def _empty(statement: Select[Any]) -> Result[Any]:
+    """The result of a SELECT that no shard needs to run: its columns, no rows."""
+    from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+
+    keys = [d.get("name") or f"column_{i}" for i, d in enumerate(statement.column_descriptions)]
+    return IteratorResult(SimpleResultMetaData(keys), iter([]))
 
 
 # ------------------------------------------------------------------ EXISTS

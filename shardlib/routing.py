@@ -39,6 +39,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState
 
 from .analysis import (  # re-exported: the analysis used to live here
+    LOOKUP_ANSWERS,
     And,
     Const,
     ContinentIn,
@@ -126,4 +127,5 @@ def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     parent = orm_context.lazy_loaded_from if orm_context.is_select else None
     if parent is not None and parent.identity_token is not None:
         return [parent.identity_token]
-    return shards_for(orm_context.statement, orm_context.parameters) or [SHARD_IDS[0]]
+    answers = orm_context.local_execution_options.get(LOOKUP_ANSWERS)  # asked by shardlib.execution
+    return shards_for(orm_context.statement, orm_context.parameters, lookups=answers) or [SHARD_IDS[0]]

@@ -37,7 +37,7 @@ from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
-from . import execution, guards, locking, routing, schema, twophase, upstream
+from . import execution, guards, locking, lookups, routing, schema, twophase, upstream
 from .engines import check_engines
 from .ids import allocator_for
 from .models import Report, WeatherLocation
@@ -260,6 +260,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 
 locking.install(ShardlibSession)  # SQLite write ticket around _before_flush (shardlib.locking)
+lookups.install(ShardlibSession)  # lookup tables kept current, after ids are given (shardlib.lookups)
 
 # ShardedSession concatenates (its own per-session hook); shardlib's hook, registered on the
 # class, runs before it, always answers, and so replaces it: merges exactly or refuses.
