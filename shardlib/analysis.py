@@ -299,8 +299,9 @@ def lookup_values(statement: Any, params: Mapping[str, Any] | None = None) -> di
 
     >>> from sqlalchemy import select
     >>> from shardlib import WeatherLocation as WL
-    >>> lookup_values(select(WL).where(WL.city.in_(["Quito", "Lima"]) | (WL.station == "EGLL")))
-    {'city': {'Lima', 'Quito'}, 'station': {'EGLL'}}
+    >>> found = lookup_values(select(WL).where(WL.city.in_(["Quito", "Lima"]) | (WL.station == "EGLL")))
+    >>> {name: sorted(values) for name, values in found.items()}
+    {'city': ['Lima', 'Quito'], 'station': ['EGLL']}
     """
     clauses = where_clauses(statement)
     found: dict[str, set[str]] = {}

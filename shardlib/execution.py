@@ -153,9 +153,12 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if pinned is not None:
         if orm_context.is_update:
             guards.check_update(statement, params, [pinned])
-        if orm_context.is_update or orm_context.is_delete:
-            lookups.before_update_or_delete(orm_context, [pinned])  # shardlib.lookups
-        return _on(orm_context, pinned)
+        finish = lookups.before_update_or_delete(orm_context, [pinned]) if (
+            orm_context.is_update or orm_context.is_delete) else None  # shardlib.lookups
+        result = _on(orm_context, pinned)
+        if finish is not None:
+            finish()
+        return result
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
@@ -177,10 +180,15 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     shards = list(session.execute_chooser(orm_context))
     if orm_context.is_update:
         guards.check_update(statement, params, shards)
-    if orm_context.is_update or orm_context.is_delete:
-        lookups.before_update_or_delete(orm_context, shards)  # shardlib.lookups
     if not shards:
         shards = [SHARD_IDS[0]]
+    if orm_context.is_update or orm_context.is_delete:  # lookup entries of the rows it changes
+        finish = lookups.before_update_or_delete(orm_context, shards)  # (shardlib.lookups)
+        if finish is not None:
+            result = _on(orm_context, shards[0]) if len(shards) == 1 else _concatenate(
+                [_on(orm_context, s) for s in shards])
+            finish()
+            return result
     if len(shards) == 1:
         return _on(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:

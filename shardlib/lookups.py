@@ -72,7 +72,18 @@ Write paths kept current: ORM add / delete / change (flush),
 :func:`shardlib.move_location`, Core ``insert()`` / ``update()`` / ``delete()``
 through the session (:mod:`shardlib.execution`), :func:`shardlib.bulk_insert`.
 Not covered: ``text()`` SQL and writes that bypass shardlib; :func:`verify`
-finds what they broke and :func:`repair` fixes it.
+finds what they broke and :func:`repair` fixes it. ``bulk_insert`` checks a
+unique value against what is committed when it runs: it takes no write ticket
+or advisory lock, so a session claiming the same station during a bulk load
+can slip past it (``verify()`` reports the ``duplicate``).
+
+Routing through the lookups is switched on per sessionmaker:
+``make_sessionmaker(engines, lookup_routing=True)`` (notebooks 03-14 show
+the scatter that a filter on a local index costs, so it is off by default).
+The lookups are kept current by every session either way, so switching it on
+is always safe, and the unique station needs them regardless.
+``info={MAINTENANCE: False}`` stops the upkeep, only so that
+``benchmarks/lookups.py`` can measure what it costs.
 """
 
 from __future__ import annotations
@@ -97,6 +108,13 @@ log = logging.getLogger(__name__)
 
 BY_NAME: dict[str, Lookup] = {lookup.name: lookup for lookup in LOOKUPS}
 _LOCATIONS = WeatherLocation.__table__
+
+ROUTING = "shardlib.lookup_routing"
+"""Session ``info`` key set by ``make_sessionmaker(engines, lookup_routing=True)``: queries consult the lookups."""
+
+MAINTENANCE = "shardlib.lookups"
+"""``info={MAINTENANCE: False}``: sessions do not write lookup entries. Only to measure what
+maintenance costs: rows written so are missing from the lookups until :func:`repair` runs."""
 
 _REMOVALS = "shardlib.lookup_removals"  # (lookup name, value, location id) to remove after commit
 _WROTE = "shardlib.lookup_wrote"  # the session's COUNTER_SHARD connection holds lookup writes
@@ -143,6 +161,8 @@ def ask(orm_context: ORMExecuteState) -> LookupAnswers | None:
     session's own lookup writes), one query per lookup column named, and
     hands the answers to the ``execute_chooser`` as an execution option.
     """
+    if orm_context.session.info.get(ROUTING) is not True:
+        return None
     params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
     wanted = lookup_values(orm_context.statement, params)
     if not wanted:
@@ -240,9 +260,17 @@ def create_entries(entries: Sequence[tuple[Lookup, str, int]], lookup_connection
         mine = sorted({(v, i) for lk, v, i in entries if lk is lookup})
         if not mine:
             continue
-        if lookup.unique:
+        if lookup.unique:  # the common case in three statements: read, insert the free values, done
+            taken = read_entries(lookup_connection, lookup, [v for v, _ in mine])
+            free = [(v, i) for v, i in mine if v not in taken]
+            inserted = _insert_ignore(lookup_connection, lookup.table,
+                                      [{"value": v, "location_id": i} for v, i in free]) if free else 0
+            if inserted != len(free):  # someone took one meanwhile: read again
+                taken.update(read_entries(lookup_connection, lookup, [v for v, _ in free]))
+                free = [(v, i) for v, i in free if taken.get(v, {i}) == {i}]
             for value, location_id in mine:
-                claim_unique(lookup, value, location_id, lookup_connection, owner_connection)
+                if (value, location_id) not in free and taken.get(value) != {location_id}:
+                    claim_unique(lookup, value, location_id, lookup_connection, owner_connection)
         else:
             _insert_ignore(lookup_connection, lookup.table, [{"value": v, "location_id": i} for v, i in mine])
 
@@ -273,7 +301,7 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
                       removals: list[tuple[Lookup, str, int]]) -> None:
     """Creates now, on the session's ``COUNTER_SHARD`` connection; removals after commit
     (or now, inside a two-phase transaction)."""
-    if not creates and not removals:
+    if (not creates and not removals) or session.info.get(MAINTENANCE) is False:
         return
     owner = lambda shard: _session_connection(session, shard)  # noqa: E731
     keys_by_shard: dict[str, list[int]] = {}
@@ -334,7 +362,7 @@ def _flush_entries(session: Session) -> tuple[list[tuple[Lookup, str, int]], lis
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     """ORM add / change / delete (and so :func:`shardlib.move_location`): lookup entries first."""
-    if "shardlib.allocator" not in session.info or session.info.get("shardlib.lookups") is False:
+    if "shardlib.allocator" not in session.info or session.info.get(MAINTENANCE) is False:
         return
     creates, removals = _flush_entries(session)
     _write_in_session(session, creates, removals)
@@ -411,51 +439,54 @@ def after_insert_routing(session: Session, per_shard: Mapping[str, list[dict[str
     _write_in_session(session, creates, [])
 
 
-def before_update_or_delete(orm_context: ORMExecuteState, shards: Sequence[str]) -> None:
+def before_update_or_delete(orm_context: ORMExecuteState, shards: Sequence[str]) -> Any:
     """Core/ORM ``update()`` / ``delete()`` of locations through the session.
 
     The rows it will change are read first (same WHERE, same parameters, on the
-    same shards); new values get entries now, old ones are removed after commit.
-    An UPDATE that sets a lookup column to an SQL expression is refused (its
-    new values cannot be known before it runs).
+    same shards). Returns ``None``, or a function to call once the statement
+    has run: it reads the rows' new values (an UPDATE may set them with an SQL
+    expression, ``city = upper(city)``), creates their entries and queues the
+    old ones for removal. Both happen before this session commits, and the
+    lookup's database commits first, so the ordering holds.
     """
     from .guards import LOCATIONS, set_clause, target_table_name
 
     statement = orm_context.statement
-    if target_table_name(statement) != LOCATIONS:
-        return
+    if target_table_name(statement) != LOCATIONS or orm_context.session.info.get(MAINTENANCE) is False:
+        return None
     params = orm_context.parameters
     param_sets = params if isinstance(params, Sequence) and not isinstance(params, Mapping) else [params]
     session = orm_context.session
-    creates: list[tuple[Lookup, str, int]] = []
-    removals: list[tuple[Lookup, str, int]] = []
+    keys = {lk.column.key for lk in LOOKUPS}
+    if orm_context.is_update and not any(keys & set(set_clause(statement, p)) for p in param_sets):
+        return None  # no lookup column changes
+    before: dict[int, tuple[Any, ...]] = {}
     for param_set in param_sets:
-        changes: dict[str, Any] = {}
+        for location_id, *old in _matching_rows(session, statement, param_set, shards):
+            before[location_id] = tuple(old)
+    if not before:
+        return None
+
+    def finish() -> None:
+        after: dict[int, tuple[Any, ...]] = {}
         if orm_context.is_update:
-            changes = {k: v for k, v in set_clause(statement, param_set).items()
-                       if k in {lk.column.key for lk in LOOKUPS}}
-            if not changes:
-                continue
-            for key, value in changes.items():
-                if value is _UNKNOWN:
-                    raise ValueError(
-                        f"cannot keep the {key} lookup current for a bulk UPDATE that sets {key} to an SQL "
-                        f"expression (its new values are unknown until it runs); set {key} to a literal, "
-                        f"or change the objects through the ORM"
-                    )
-        matched = _matching_rows(session, statement, param_set, shards)
-        for location_id, *old in matched:
-            for lookup, old_value in zip(LOOKUPS, old):
-                key = lookup.column.key
-                if orm_context.is_delete:
-                    if old_value is not None:
-                        removals.append((lookup, old_value, location_id))
-                elif key in changes and changes[key] != old_value:
-                    if changes[key] is not None:
-                        creates.append((lookup, changes[key], location_id))
-                    if old_value is not None:
-                        removals.append((lookup, old_value, location_id))
-    _write_in_session(session, creates, removals)
+            query = select(_LOCATIONS.c.id, *(lk.column for lk in LOOKUPS)).where(_LOCATIONS.c.id.in_(sorted(before)))
+            for shard in sorted({shard_for_id(i) for i in before} - {None}):
+                after.update((i, tuple(v)) for i, *v in _session_connection(session, shard).execute(query))
+        creates: list[tuple[Lookup, str, int]] = []
+        removals: list[tuple[Lookup, str, int]] = []
+        for location_id, old in before.items():
+            new = after.get(location_id, (None,) * len(LOOKUPS))
+            for lookup, old_value, new_value in zip(LOOKUPS, old, new):
+                if old_value == new_value:
+                    continue
+                if new_value is not None:
+                    creates.append((lookup, new_value, location_id))
+                if old_value is not None:
+                    removals.append((lookup, old_value, location_id))
+        _write_in_session(session, creates, removals)
+
+    return finish
 
 
 def _matching_rows(session: Session, statement: Any, params: Any, shards: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -570,7 +601,7 @@ async def repair(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
     from .locking import take_write_ticket
     from .session import make_sessionmaker
 
-    Session = make_sessionmaker(dict(engines), check_schema=False, info={"shardlib.lookups": False})
+    Session = make_sessionmaker(dict(engines), check_schema=False, info={MAINTENANCE: False})
     async with Session() as session:
         def go(sync_session: Session) -> pd.DataFrame:
             take_write_ticket(sync_session)

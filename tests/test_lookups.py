@@ -129,7 +129,14 @@ def load(world: Any, rows: list[tuple[str, str, str | None]]) -> list[tuple[int,
 @pytest.fixture(scope="module")
 def module_world():
     with standalone_world() as world:
+        world.Session = shardlib.make_sessionmaker(world.engines, lookup_routing=True)
         yield world
+
+
+@pytest.fixture
+def world(world):  # every test here routes through the lookups
+    world.Session = shardlib.make_sessionmaker(world.engines, lookup_routing=True)
+    return world
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
