@@ -300,8 +300,8 @@ def lookup_values(statement: Any, params: Mapping[str, Any] | None = None) -> di
     >>> from sqlalchemy import select
     >>> from shardlib import WeatherLocation as WL
     >>> found = lookup_values(select(WL).where(WL.city.in_(["Quito", "Lima"]) | (WL.station == "EGLL")))
-    >>> {name: sorted(values) for name, values in found.items()}
-    {'city': ['Lima', 'Quito'], 'station': ['EGLL']}
+    >>> sorted((name, sorted(values)) for name, values in found.items())
+    [('city', ['Lima', 'Quito']), ('station', ['EGLL'])]
     """
     clauses = where_clauses(statement)
     found: dict[str, set[str]] = {}

@@ -205,8 +205,9 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
 
 def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: str | None) -> Result[Any]:
     table = guards.target_table_name(statement)
-    if table in reference.REFERENCE_TABLE_NAMES and pinned is None:
-        return _concatenate([_on(orm_context, s) for s in SHARD_IDS])  # every copy (shardlib.reference)
+    if table in reference.REFERENCE_TABLE_NAMES and pinned is None:  # every copy (shardlib.reference)
+        rows, expressions = guards.insert_rows(statement, params)
+        return _concatenate([_on(orm_context, s, _core_insert(statement, expressions), rows) for s in SHARD_IDS])
     if table not in (guards.LOCATIONS, guards.REPORTS):
         if pinned is None:
             raise ValueError(
@@ -225,16 +226,21 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
     )
     if table == guards.LOCATIONS:
         lookups.after_insert_routing(session, per_shard)  # entries before the rows (shardlib.lookups)
+    shard_statement = _core_insert(statement, expressions)
+    results = [_on(orm_context, shard, shard_statement, shard_rows) for shard, shard_rows in per_shard.items()]
+    return _concatenate(results)
+
+
+def _core_insert(statement: Any, expressions: Mapping[str, Any]) -> Any:
+    """A Core INSERT per shard: the ORM's bulk path refuses per-shard connections."""
     from sqlalchemy import insert
 
-    # a Core INSERT per shard: the ORM's bulk path refuses per-shard connections
     shard_statement = insert(canonical(statement.table))
     if expressions:
         shard_statement = shard_statement.values(**expressions)
     if statement._returning:
         shard_statement = shard_statement.returning(*statement._returning)
-    results = [_on(orm_context, shard, shard_statement, shard_rows) for shard, shard_rows in per_shard.items()]
-    return _concatenate(results)
+    return shard_statement
 
 
 def _empty(statement: Select[Any]) -> Result[Any]:

@@ -47,9 +47,12 @@ so that the lookup is never **missing** an entry for a row that exists (that
 would hide the row from every lookup-routed query); a stale *extra* entry only
 costs a wasted shard visit. This is Vitess's ``consistent_lookup`` argument:
 
-* an entry is **created before the row commits**: written on the session's
-  own ``COUNTER_SHARD`` connection during the flush, and that database is
-  committed **first** (``before_commit``), before any other shard;
+* an entry is **created before the row commits**: written during the flush
+  in a short transaction of its own, committed at once (like the id
+  counter's block). On SQLite, when the session already holds the counter
+  file's write lock (it wrote there), on the session's own connection, and
+  that database is then committed **first**, before any other shard
+  (``before_commit``);
 * an entry is **removed after the row's delete commits** (``after_commit``),
   in a short transaction of its own, and only if the row no longer holds the
   value. If that never happens (a crash), the entry is stale: harmless.
@@ -167,11 +170,19 @@ def ask(orm_context: ORMExecuteState) -> LookupAnswers | None:
     wanted = lookup_values(orm_context.statement, params)
     if not wanted:
         return None
-    connection = orm_context.session.connection(bind_arguments={"shard_id": COUNTER_SHARD})
-    answers = answers_from({name: read_entries(connection, BY_NAME[name], values)
-                            for name, values in wanted.items()})
+    session = orm_context.session
+    if _writes_in_session(session):  # its own uncommitted entries are on its own connection
+        entries = _read(_session_connection(session, COUNTER_SHARD), wanted)
+    else:  # every entry it wrote is committed: any connection sees it
+        with session.get_bind(shard_id=COUNTER_SHARD).connect() as connection:
+            entries = _read(connection, wanted)
+    answers = answers_from(entries)
     orm_context.update_execution_options(**{LOOKUP_ANSWERS: answers})
     return answers
+
+
+def _read(connection: Connection, wanted: Mapping[str, set[str]]) -> dict[str, dict[str, set[int]]]:
+    return {name: read_entries(connection, BY_NAME[name], values) for name, values in wanted.items()}
 
 
 # ====================================================================== writing: one entry
@@ -312,11 +323,50 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
     for shard in SHARD_IDS:  # PostgreSQL: announce our values on each row's shard first
         if shard in keys_by_shard and session.get_bind(shard_id=shard).dialect.name == "postgresql":
             _lock_values(owner(shard), keys_by_shard[shard])
-    if creates:
+    if creates and _writes_in_session(session):
         create_entries(creates, _session_connection(session, COUNTER_SHARD), owner)
         session.info[_WROTE] = True
+    elif creates:  # a short transaction of its own, committed before the rows are even written
+        with session.get_bind(shard_id=COUNTER_SHARD).begin() as connection:
+            create_entries(creates, connection, owner)
     if removals:  # after the rows' changes: at commit (two-phase) or after it
         session.info.setdefault(_REMOVALS, []).extend(removals)
+
+
+def _writes_in_session(session: Session) -> bool:
+    """Must this session write (and read) lookup entries on its own ``COUNTER_SHARD`` connection?
+
+    With two-phase commit, yes: that is how they join the same atomic commit.
+    On SQLite, when the session already holds that file's write lock (it wrote
+    there: rows, or the id counter): a second connection would wait for the
+    session itself. Otherwise no: a short transaction of its own, committed at
+    once, keeps the session's commit free of lookup writes (so a failed commit
+    elsewhere can simply be retried).
+    """
+    if session.twophase or session.info.get(_WROTE):
+        return True
+    engine = session.get_bind(shard_id=COUNTER_SHARD)
+    if engine.dialect.name != "sqlite" or engine not in session.info.get("shardlib.connected_shards", ()):
+        return False
+    driver = _session_connection(session, COUNTER_SHARD).connection.driver_connection
+    return bool(getattr(driver, "in_transaction", True))
+
+
+def _commit_now(session: Session, shard: str) -> None:
+    """COMMIT the session's transaction on one shard now, and go on there in a fresh one.
+
+    Events fire as for any COMMIT (``run_transaction`` sees that this shard
+    committed), and the session's bookkeeping points at the new transaction,
+    so its own COMMIT or ROLLBACK later finds a live transaction there.
+    """
+    connection = _session_connection(session, shard)
+    transaction = session.get_transaction()
+    assert transaction is not None
+    conn, trans, should_commit, autoclose = transaction._connections[connection]
+    trans.commit()
+    fresh = connection.begin()
+    transaction._connections[connection] = transaction._connections[connection.engine] = (
+        conn, fresh, should_commit, autoclose)
 
 
 def _values_of(obj: Any, state: Any = None) -> list[tuple[Lookup, Any]]:
@@ -380,11 +430,8 @@ def _before_commit(session: Session) -> None:
             remove_entries(removals, _session_connection(session, COUNTER_SHARD),
                            lambda shard: _session_connection(session, shard))
         return
-    if session.info.pop(_WROTE, False):
-        connection = _session_connection(session, COUNTER_SHARD)
-        # COMMIT on the driver connection: the lookup entries are durable before any other
-        # shard commits. SQLAlchemy's own COMMIT of this connection follows and finds nothing to do.
-        connection.connection.dbapi_connection.commit()
+    if session.info.pop(_WROTE, False):  # the entries are durable before any other shard commits
+        _commit_now(session, COUNTER_SHARD)
 
 
 def _after_commit(session: Session) -> None:

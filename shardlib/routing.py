@@ -56,7 +56,7 @@ from .analysis import (  # re-exported: the analysis used to live here
     shards_for_tree,
     to_tree,
 )
-from .models import Report, WeatherLocation
+from .models import REFERENCE_TABLES, Report, WeatherLocation
 from .shards import SHARD_IDS, shard_for_continent, shard_for_id
 
 # --------------------------------------------------------------------------
@@ -83,6 +83,14 @@ def shard_of(instance: object, state: Any = None) -> str:
                 f"location.reports) before adding it"
             )
         return shard
+    table = getattr(type(instance), "__table__", None)
+    if table is not None and table in REFERENCE_TABLES:
+        name = type(instance).__name__
+        raise ValueError(
+            f"{name} is a reference table, copied to every shard: an object is flushed to one "
+            f"shard only. Write its rows on every shard with "
+            f"await session.execute(insert({name}), rows) (shardlib.reference)"
+        )
     raise ValueError(
         f"cannot shard {type(instance).__name__} objects; shardlib stores "
         f"WeatherLocation and Report"
