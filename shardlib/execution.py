@@ -72,7 +72,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards, lookups, reference
+from . import guards, joins, lookups, reference
 from .analysis import canonical, is_exists_only, locality, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SHARD_IDS
@@ -164,8 +164,13 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
         problem, reads_sharded = locality(statement)
+        if problem and (orm_context.execution_options.get(joins.CROSS_SHARD_JOIN)
+                        or orm_context.local_execution_options.get(joins.CROSS_SHARD_JOIN)):
+            return _cross_shard_join(orm_context, statement, params)  # shardlib.joins
         if problem:
-            raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
+            raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}; "
+                                    f"a join: .execution_options({joins.CROSS_SHARD_JOIN}=True) joins it in the "
+                                    f"application (shardlib.joins)")
         if not reads_sharded:
             return _on(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
     if not concatenate and not loader and is_exists_only(statement):
@@ -249,6 +254,24 @@ def _empty(statement: Select[Any]) -> Result[Any]:
 
     keys = [d.get("name") or f"column_{i}" for i, d in enumerate(statement.column_descriptions)]
     return IteratorResult(SimpleResultMetaData(keys), iter([]))
+
+
+def _cross_shard_join(orm_context: ORMExecuteState, statement: Any, params: Any) -> Result[Any]:
+    """A join the shards cannot answer alone, as a hash join here (:mod:`shardlib.joins`):
+    each side read from the shards it needs (lookups included), inside this session."""
+    session = orm_context.session
+    bound = params if isinstance(params, Mapping) else None
+
+    def read_side(side: Any) -> list[tuple[Any, ...]]:
+        answers = lookups.answers_for(session, side, bound)
+        shards = shards_for(side, bound, lookups=answers)
+        return [tuple(row) for shard in shards for row in _on(orm_context, shard, side).all()]
+
+    dialect = session.get_bind(shard_id=SHARD_IDS[0]).dialect.name
+    try:
+        return joins.run(orm_context, statement, read_side, dialect)
+    except joins.JoinRefused as refused:
+        raise CrossShardRefused(f"cannot join in the application: {refused}{_alternatives([])}") from None
 
 
 # ------------------------------------------------------------------ EXISTS

@@ -48,11 +48,12 @@ would hide the row from every lookup-routed query); a stale *extra* entry only
 costs a wasted shard visit. This is Vitess's ``consistent_lookup`` argument:
 
 * an entry is **created before the row commits**: written during the flush
-  in a short transaction of its own, committed at once (like the id
-  counter's block). On SQLite, when the session already holds the counter
-  file's write lock (it wrote there), on the session's own connection, and
-  that database is then committed **first**, before any other shard
-  (``before_commit``);
+  in a transaction of its own, committed at once (on SQLite on the session's
+  own connection to that file, which has nothing else to commit yet). If the
+  session already wrote there (rows, or the id counter on SQLite), the entry
+  joins that transaction and that database commits **first**, before any
+  other shard (``before_commit``); a failed COMMIT on a later shard is then
+  a commit that reached a shard (``run_transaction`` does not retry it);
 * an entry is **removed after the row's delete commits** (``after_commit``),
   in a short transaction of its own, and only if the row no longer holds the
   value. If that never happens (a crash), the entry is stale: harmless.
@@ -160,25 +161,29 @@ def answers_from(entries: Mapping[str, Mapping[str, set[int]]]) -> LookupAnswers
 def ask(orm_context: ORMExecuteState) -> LookupAnswers | None:
     """Ask the lookup tables what a statement's WHERE needs; ``None`` if it needs nothing.
 
-    Runs on the session's own ``COUNTER_SHARD`` connection (it sees the
-    session's own lookup writes), one query per lookup column named, and
-    hands the answers to the ``execute_chooser`` as an execution option.
+    Hands the answers to the ``execute_chooser`` as an execution option (the
+    chooser itself does no I/O). Only in sessions made with
+    ``make_sessionmaker(..., lookup_routing=True)``.
     """
-    if orm_context.session.info.get(ROUTING) is not True:
-        return None
     params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
-    wanted = lookup_values(orm_context.statement, params)
+    answers = answers_for(orm_context.session, orm_context.statement, params)
+    if answers is not None:
+        orm_context.update_execution_options(**{LOOKUP_ANSWERS: answers})
+    return answers
+
+
+def answers_for(session: Session, statement: Any, params: Mapping[str, Any] | None) -> LookupAnswers | None:
+    """The lookup tables' answers for ``statement`` (one query per lookup column it names), or ``None``.
+
+    Read on the session's own ``COUNTER_SHARD`` connection: it sees every
+    committed entry and the session's own uncommitted ones.
+    """
+    if session.info.get(ROUTING) is not True:
+        return None
+    wanted = lookup_values(statement, params)
     if not wanted:
         return None
-    session = orm_context.session
-    if _writes_in_session(session):  # its own uncommitted entries are on its own connection
-        entries = _read(_session_connection(session, COUNTER_SHARD), wanted)
-    else:  # every entry it wrote is committed: any connection sees it
-        with session.get_bind(shard_id=COUNTER_SHARD).connect() as connection:
-            entries = _read(connection, wanted)
-    answers = answers_from(entries)
-    orm_context.update_execution_options(**{LOOKUP_ANSWERS: answers})
-    return answers
+    return answers_from(_read(_session_connection(session, COUNTER_SHARD), wanted))
 
 
 def _read(connection: Connection, wanted: Mapping[str, set[str]]) -> dict[str, dict[str, set[int]]]:
@@ -323,9 +328,18 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
     for shard in SHARD_IDS:  # PostgreSQL: announce our values on each row's shard first
         if shard in keys_by_shard and session.get_bind(shard_id=shard).dialect.name == "postgresql":
             _lock_values(owner(shard), keys_by_shard[shard])
-    if creates and _writes_in_session(session):
-        create_entries(creates, _session_connection(session, COUNTER_SHARD), owner)
-        session.info[_WROTE] = True
+    if creates and (session.twophase or session.get_bind(shard_id=COUNTER_SHARD).dialect.name == "sqlite"):
+        engine = session.get_bind(shard_id=COUNTER_SHARD)
+        was_connected = engine in session.info.get("shardlib.connected_shards", ())
+        connection = _session_connection(session, COUNTER_SHARD)
+        on_its_own = not session.twophase and not _in_write_transaction(connection)
+        create_entries(creates, connection, owner)
+        if on_its_own:  # nothing else of the session's is there: commit the entries at once
+            connection.connection.dbapi_connection.commit()
+            if not was_connected:  # and give the connection back: the session has nothing there
+                _release(session, engine, connection)
+        elif not session.twophase:  # the session's own writes are there too: that shard commits first
+            session.info[_WROTE] = True
     elif creates:  # a short transaction of its own, committed before the rows are even written
         with session.get_bind(shard_id=COUNTER_SHARD).begin() as connection:
             create_entries(creates, connection, owner)
@@ -333,23 +347,32 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
         session.info.setdefault(_REMOVALS, []).extend(removals)
 
 
-def _writes_in_session(session: Session) -> bool:
-    """Must this session write (and read) lookup entries on its own ``COUNTER_SHARD`` connection?
+def _in_write_transaction(connection: Connection) -> bool:
+    """SQLite: has this connection written in its open transaction (it holds the file's write lock)?
 
-    With two-phase commit, yes: that is how they join the same atomic commit.
-    On SQLite, when the session already holds that file's write lock (it wrote
-    there: rows, or the id counter): a second connection would wait for the
-    session itself. Otherwise no: a short transaction of its own, committed at
-    once, keeps the session's commit free of lookup writes (so a failed commit
-    elsewhere can simply be retried).
+    Python's ``sqlite3`` opens a transaction at the first INSERT/UPDATE/DELETE only,
+    so a connection that has only read is not in one.
     """
-    if session.twophase or session.info.get(_WROTE):
-        return True
-    engine = session.get_bind(shard_id=COUNTER_SHARD)
-    if engine.dialect.name != "sqlite" or engine not in session.info.get("shardlib.connected_shards", ()):
-        return False
-    driver = _session_connection(session, COUNTER_SHARD).connection.driver_connection
-    return bool(getattr(driver, "in_transaction", True))
+    return bool(getattr(connection.connection.driver_connection, "in_transaction", True))
+
+
+def _release(session: Session, engine: Engine, connection: Connection) -> None:
+    """Take a connection with nothing to commit out of the session's transaction (back to the pool).
+
+    Otherwise the session's COMMIT would commit it too, and if a later shard's
+    COMMIT then failed, rolling back an already committed connection warns.
+    """
+    transaction = session.get_transaction()
+    assert transaction is not None
+    conn, trans, should_commit, autoclose = transaction._connections.pop(engine)
+    transaction._connections.pop(conn, None)
+    trans.rollback()  # nothing is open on the driver connection: this ends SQLAlchemy's bookkeeping
+    if autoclose:
+        conn.close()
+    session.info.get("shardlib.connected_shards", set()).discard(engine)
+    cache = session.info.get("shardlib.flush_connections", {})
+    for key in [k for k, v in cache.items() if v is conn]:
+        del cache[key]
 
 
 def _commit_now(session: Session, shard: str) -> None:
@@ -692,5 +715,5 @@ async def repair(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["BY_NAME", "DuplicateLookupValue", "advisory_key", "answers_from", "ask", "bulk_created",
+__all__ = ["BY_NAME", "DuplicateLookupValue", "advisory_key", "answers_for", "answers_from", "ask", "bulk_created",
            "claim_unique", "create_entries", "install", "read_entries", "remove_entries", "repair", "verify"]
