@@ -91,7 +91,7 @@ def test_application_side_hash_joins_equal_the_unsharded_answer(
         statement = select(r.location_id, s.location_id, r.temperature).join(s, on)
         if left_city:  # a per-side condition of another kind
             statement = statement.where(r.temperature > 9)
-        order = [r.location_id, s.location_id]
+        order = [r.location_id, s.location_id, r.temperature]  # a total order of the selected columns
     if distinct:
         statement = statement.distinct()
     if ordered:
