@@ -60,10 +60,17 @@ def test_sanitize_file_entries_are_well_formed() -> None:
         re.compile(parser[section]["regex"])
 
 
+RESERVED_NUMBERS = {14}
+"""Numbers of notebooks written on another branch this round (14_resharding, issue #13): this
+branch's set may skip them. Empty this once they are merged."""
+
+
 def test_notebooks_are_numbered_consecutively() -> None:
     numbers = [int(p.name[:2]) for p in NOTEBOOKS]
     assert all(re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", p.name) for p in NOTEBOOKS)
-    assert numbers == list(range(len(numbers))), numbers
+    expected = [n for n in range(max(numbers) + 1) if n not in RESERVED_NUMBERS or n in numbers]
+    assert numbers == expected, numbers
+    assert [p.name for p in NOTEBOOKS if p.name.startswith("15_")] == ["15_lookups_and_reference_tables.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
