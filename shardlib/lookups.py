@@ -28,6 +28,17 @@ The **location id**, never a database name. An id names its *logical* shard
 holds that logical shard today, so moving a continent to another database
 needs no change to any lookup.
 
+Building them
+-------------
+Like an index, the lookup tables are built when asked for:
+``await shardlib.lookups.enable(engines)`` creates them on ``COUNTER_SHARD``
+and fills them from every shard's rows (:func:`repair`). From then on every
+session keeps them current and routes ``city`` and ``station`` filters
+through them (``make_sessionmaker(engines, lookup_routing=False)`` opts a
+sessionmaker out of the routing, to compare). Before that, nothing changes,
+except that a station code cannot be written: nothing could keep it unique.
+:func:`shardlib.reset` drops them with every other table.
+
 Where it lives
 --------------
 In the id counter's database (``COUNTER_SHARD``), like the counter: no new
@@ -81,19 +92,14 @@ unique value against what is committed when it runs: it takes no write ticket
 or advisory lock, so a session claiming the same station during a bulk load
 can slip past it (``verify()`` reports the ``duplicate``).
 
-Routing through the lookups is switched on per sessionmaker:
-``make_sessionmaker(engines, lookup_routing=True)`` (notebooks 03-14 show
-the scatter that a filter on a local index costs, so it is off by default).
-The lookups are kept current by every session either way, so switching it on
-is always safe, and the unique station needs them regardless.
-``info={MAINTENANCE: False}`` stops the upkeep, only so that
-``benchmarks/lookups.py`` can measure what it costs.
+
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -105,7 +111,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 
 from .analysis import _UNKNOWN, LOOKUP_ANSWERS, LookupAnswers, lookup_values
-from .models import LOOKUPS, Lookup, WeatherLocation
+from .models import LOOKUPS, Lookup, WeatherLocation, lookup_metadata
 from .shards import COUNTER_SHARD, SHARD_IDS, shard_for_id
 
 log = logging.getLogger(__name__)
@@ -114,7 +120,8 @@ BY_NAME: dict[str, Lookup] = {lookup.name: lookup for lookup in LOOKUPS}
 _LOCATIONS = WeatherLocation.__table__
 
 ROUTING = "shardlib.lookup_routing"
-"""Session ``info`` key set by ``make_sessionmaker(engines, lookup_routing=True)``: queries consult the lookups."""
+"""Session ``info`` key set by ``make_sessionmaker(engines, lookup_routing=False)``: queries ignore
+the lookups (to compare with a scatter); by default they consult them once they are enabled."""
 
 MAINTENANCE = "shardlib.lookups"
 """``info={MAINTENANCE: False}``: sessions do not write lookup entries. Only to measure what
@@ -122,6 +129,56 @@ maintenance costs: rows written so are missing from the lookups until :func:`rep
 
 _REMOVALS = "shardlib.lookup_removals"  # (lookup name, value, location id) to remove after commit
 _WROTE = "shardlib.lookup_wrote"  # the session's COUNTER_SHARD connection holds lookup writes
+
+
+_enabled: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def remember(engine: Any, enabled: bool) -> None:
+    """Record whether the lookup tables exist on this (counter shard's) engine."""
+    _enabled[getattr(engine, "sync_engine", engine)] = enabled
+
+
+def is_enabled(engine: Engine) -> bool:
+    """Do the lookup tables exist on the counter shard's ``engine``? Asked once per engine
+    and process (``reset``, :func:`enable` and :func:`disable` record the answer)."""
+    known = _enabled.get(engine)
+    if known is None:
+        from sqlalchemy import inspect as sa_inspect
+
+        with engine.connect() as connection:
+            known = _enabled[engine] = all(sa_inspect(connection).has_table(lk.table.name) for lk in LOOKUPS)
+    return known
+
+
+def _session_enabled(session: Session) -> bool:
+    return "shardlib.allocator" in session.info and is_enabled(session.get_bind(shard_id=COUNTER_SHARD))
+
+
+async def enable(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
+    """Build the lookup tables on ``COUNTER_SHARD`` and fill them from every shard's rows.
+
+    Like ``CREATE INDEX``: from then on every session keeps them current and
+    routes ``city``/``station`` filters through them. Returns :func:`repair`'s
+    frame (one ``missing`` row per entry it filled in). Idempotent. Processes
+    with engines that already looked see the change from engines created
+    afterwards (as with schema revisions, :mod:`shardlib.schema`).
+    """
+    async with engines[COUNTER_SHARD].begin() as conn:
+        await conn.run_sync(lookup_metadata.create_all)
+    remember(engines[COUNTER_SHARD], True)
+    return await repair(engines)
+
+
+async def disable(engines: Mapping[str, AsyncEngine]) -> None:
+    """Drop the lookup tables: filters scatter again, nothing keeps them, stations may not be written."""
+    async with engines[COUNTER_SHARD].begin() as conn:
+        await conn.run_sync(lookup_metadata.drop_all)
+    remember(engines[COUNTER_SHARD], False)
+
+
+class LookupsNotEnabled(ValueError):
+    """A write needs the lookup tables (a station code), and they have not been built."""
 
 
 class DuplicateLookupValue(ValueError):
@@ -178,7 +235,7 @@ def answers_for(session: Session, statement: Any, params: Mapping[str, Any] | No
     Read on the session's own ``COUNTER_SHARD`` connection: it sees every
     committed entry and the session's own uncommitted ones.
     """
-    if session.info.get(ROUTING) is not True:
+    if session.info.get(ROUTING) is False or not _session_enabled(session):
         return None
     wanted = lookup_values(statement, params)
     if not wanted:
@@ -319,6 +376,9 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
     (or now, inside a two-phase transaction)."""
     if (not creates and not removals) or session.info.get(MAINTENANCE) is False:
         return
+    if not _session_enabled(session):
+        _refuse_unique_without_lookups(creates)
+        return
     owner = lambda shard: _session_connection(session, shard)  # noqa: E731
     keys_by_shard: dict[str, list[int]] = {}
     for lookup, value, location_id in [*creates, *removals]:
@@ -345,6 +405,17 @@ def _write_in_session(session: Session, creates: list[tuple[Lookup, str, int]],
             create_entries(creates, connection, owner)
     if removals:  # after the rows' changes: at commit (two-phase) or after it
         session.info.setdefault(_REMOVALS, []).extend(removals)
+
+
+def _refuse_unique_without_lookups(creates: Sequence[tuple[Lookup, str, int]]) -> None:
+    """Without the lookup tables nothing can keep a unique value unique: refuse, before any SQL."""
+    for lookup, value, location_id in creates:
+        if lookup.unique:
+            raise LookupsNotEnabled(
+                f"{lookup.name} {value!r} for location {location_id}: {lookup.name} values are unique "
+                f"across all shards only through the {lookup.table.name} lookup, which is not built; "
+                f"run await shardlib.lookups.enable(engines) first, or leave {lookup.name} unset"
+            )
 
 
 def _in_write_transaction(connection: Connection) -> bool:
@@ -524,6 +595,13 @@ def before_update_or_delete(orm_context: ORMExecuteState, shards: Sequence[str])
     statement = orm_context.statement
     if target_table_name(statement) != LOCATIONS or orm_context.session.info.get(MAINTENANCE) is False:
         return None
+    if not _session_enabled(orm_context.session):
+        if orm_context.is_update:  # a station set by a bulk UPDATE needs the lookup as much as an INSERT
+            params = orm_context.parameters
+            sets = params if isinstance(params, Sequence) and not isinstance(params, Mapping) else [params]
+            _refuse_unique_without_lookups([(lk, v, 0) for p in sets for k, v in set_clause(statement, p).items()
+                                            for lk in LOOKUPS if lk.column.key == k and v is not None])
+        return None
     params = orm_context.parameters
     param_sets = params if isinstance(params, Sequence) and not isinstance(params, Mapping) else [params]
     session = orm_context.session
@@ -579,6 +657,11 @@ async def bulk_created(engines: Mapping[str, AsyncEngine], rows: Iterable[tuple[
     creates = [(lookup, row[lookup.column.key], location_id) for location_id, row in rows
                for lookup in LOOKUPS if row.get(lookup.column.key) is not None]
     if not creates:
+        return
+    async with engines[COUNTER_SHARD].connect() as conn:
+        enabled = await conn.run_sync(lambda c: is_enabled(c.engine))
+    if not enabled:
+        _refuse_unique_without_lookups(creates)
         return
 
     def go(connection: Connection) -> None:
@@ -715,5 +798,5 @@ async def repair(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["BY_NAME", "DuplicateLookupValue", "advisory_key", "answers_for", "answers_from", "ask", "bulk_created",
+__all__ = ["BY_NAME", "DuplicateLookupValue", "LookupsNotEnabled", "disable", "enable", "is_enabled", "remember", "advisory_key", "answers_for", "answers_from", "ask", "bulk_created",
            "claim_unique", "create_entries", "install", "read_entries", "remove_entries", "repair", "verify"]

@@ -138,9 +138,13 @@ id_counter = Table(
 # beyond the shard key: lookup tables and reference tables (data, not code)
 # --------------------------------------------------------------------------
 
+lookup_metadata = MetaData()
+"""Lookup tables: on :data:`~shardlib.shards.COUNTER_SHARD` only, and only once
+:func:`shardlib.lookups.enable` has built them (like creating an index)."""
+
 city_lookup = Table(
     "city_lookup",
-    counter_metadata,
+    lookup_metadata,
     Column("value", String(100), primary_key=True),
     Column("location_id", Integer, primary_key=True, autoincrement=False),
 )
@@ -148,7 +152,7 @@ city_lookup = Table(
 
 station_lookup = Table(
     "station_lookup",
-    counter_metadata,
+    lookup_metadata,
     Column("value", String(10), primary_key=True),
     Column("location_id", Integer, nullable=False),
 )

@@ -285,8 +285,9 @@ def make_sessionmaker(
     ``async_sessionmaker`` (e.g. ``twophase=True``, whose decisions are logged
     durably, on ``commit_log_engine=`` or the counter's shard: :mod:`shardlib.twophase`;
     ``commit_log_engine=False`` leaves SQLAlchemy's two-phase commit alone, to compare).
-    ``lookup_routing=True`` routes ``city`` and ``station`` filters through the lookup
-    tables (:mod:`shardlib.lookups`); they are kept current either way.
+    Once ``shardlib.lookups.enable(engines)`` has built the lookup tables, ``city``
+    and ``station`` filters are routed through them; ``lookup_routing=False`` opts out
+    (they are kept current either way: :mod:`shardlib.lookups`).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -307,8 +308,8 @@ def make_sessionmaker(
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
     info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
-    if kw.pop("lookup_routing", False):  # city/station filters ask the lookup tables first (shardlib.lookups)
-        info[lookups.ROUTING] = True
+    if kw.pop("lookup_routing", True) is False:  # city/station filters scatter even with lookups built
+        info[lookups.ROUTING] = False
     if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
         info[schema.CHECK_KEY] = False
     commit_log_engine = kw.pop("commit_log_engine", None)

@@ -20,11 +20,8 @@ def test_bulk_insert_routes_allocates_once_and_batches(world) -> None:
     with trace(world.engines) as t:
         assert world.run(bulk_insert(world.engines, WeatherLocation, iter(rows), batch_size=1_000)) == 2_500
     assert sum("id_counter" in r["sql"] for r in t.records) == 1
-    inserts = [r for r in t.records if r["sql"].startswith("INSERT INTO weather_locations")]
+    inserts = [r for r in t.records if r["sql"].startswith("INSERT")]
     assert sorted(r["shard"] for r in inserts) == sorted(SHARD_IDS)  # 625 rows each: one batch per shard
-    lookup_writes = [r for r in t.records if "city_lookup" in r["sql"]]  # shardlib.lookups: one batch, first
-    assert [r["shard"] for r in lookup_writes] == [shardlib.COUNTER_SHARD] and lookup_writes[0]["executemany"]
-    assert t.records.index(lookup_writes[0]) < t.records.index(inserts[0])
     assert all(r["executemany"] for r in inserts)
     frames = _frames(world, "weather_locations")
     ids = [i for f in frames.values() for i in f["id"]]

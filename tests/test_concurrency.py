@@ -232,8 +232,8 @@ def test_the_write_ticket_is_held_from_the_first_write_to_the_end_and_costs_the_
         data_dir = os.path.dirname(world.engines["asia"].url.database)
         assert {name.split(".")[0] for name in os.listdir(data_dir)} == set(SHARD_IDS)
     assert reads.shards() == ["asia"]
-    assert [(r["shard"], r["sql"].split(" ")[0]) for r in first.records
-            if "id_counter" not in r["sql"] and "_lookup" not in r["sql"]] == [("asia", "INSERT")]  # lookups: own test
+    assert [(r["shard"], r["sql"].split(" ")[0]) for r in first.records if "id_counter" not in r["sql"]] == [
+        ("asia", "INSERT")]
     assert seen == {"after read": False, "after flush": sqlite, "after commit": False,
                     "after bulk update": sqlite, "after rollback": False}
 
@@ -388,10 +388,7 @@ def test_a_cross_shard_deadlock_ends_with_a_retryable_error_then_run_transaction
         engines = shardlib.make_engines(data_dir=data_dir, lock_timeout=LOCK_TIMEOUT_S)
         try:
             await shardlib.reset(engines)
-            # lookup upkeep (shardlib.lookups) would add north_america's lookup to both transactions;
-            # this test builds a cycle between exactly two shards
-            Session = shardlib.make_sessionmaker(engines, info={"shardlib.write_ticket": False,
-                                                                shardlib.lookups.MAINTENANCE: False})
+            Session = shardlib.make_sessionmaker(engines, info={"shardlib.write_ticket": False})
             async with Session() as session:
                 tokyo, london = WeatherLocation("Asia", "Tokyo"), WeatherLocation("Europe", "London")
                 session.add_all([tokyo, london])

@@ -129,13 +129,12 @@ def load(world: Any, rows: list[tuple[str, str, str | None]]) -> list[tuple[int,
 @pytest.fixture(scope="module")
 def module_world():
     with standalone_world() as world:
-        world.Session = shardlib.make_sessionmaker(world.engines, lookup_routing=True)
         yield world
 
 
 @pytest.fixture
-def world(world):  # every test here routes through the lookups
-    world.Session = shardlib.make_sessionmaker(world.engines, lookup_routing=True)
+def world(world):  # every test here starts with the lookups built (and so routing through them)
+    world.run(shardlib.lookups.enable(world.engines))
     return world
 
 
@@ -146,6 +145,7 @@ def test_lookup_routed_queries_equal_the_unsharded_answer_and_visit_only_needed_
         module_world: Any, rows: Any, clause: Any, through_reports: bool) -> None:
     world = module_world
     world.run(shardlib.reset(world.engines))
+    world.run(shardlib.lookups.enable(world.engines))
     stored = load(world, rows)
     oracle = Unsharded(world.loop)
     try:
@@ -501,7 +501,7 @@ def test_a_session_finds_its_own_uncommitted_rows_through_the_lookup(world) -> N
 
 def test_without_lookup_routing_filters_scatter_but_the_lookups_are_still_kept(world) -> None:
     load(world, [("South America", "Quito", "SEQM")])
-    plain = shardlib.make_sessionmaker(world.engines)
+    plain = shardlib.make_sessionmaker(world.engines, lookup_routing=False)
 
     async def go() -> list[Any]:
         async with plain() as session:
@@ -519,7 +519,7 @@ def test_with_two_phase_commit_the_entries_are_part_of_the_same_atomic_commit(wo
     COMMIT PREPARED nobody outside sees the entry, and a delete removes it in the same commit."""
     if not on_postgres():
         pytest.skip("two-phase commit needs PostgreSQL (SQLite has no PREPARE TRANSACTION)")
-    TwoPhase = shardlib.make_sessionmaker(world.engines, twophase=True, lookup_routing=True)
+    TwoPhase = shardlib.make_sessionmaker(world.engines, twophase=True)
     prepared: list[str] = []
     listeners = []
     for shard, engine in world.engines.items():
@@ -585,3 +585,44 @@ def test_two_phase_sessions_racing_for_one_station_let_exactly_one_win(world) ->
     assert sorted(world.run(race())) == ["lost", "won"]
     assert [v for v, _ in stored_rows(world)["station"]] == ["EGLL"]
     assert_lookups_exact(world)
+
+
+def test_before_enable_nothing_changes_and_a_station_is_refused_then_enable_fills_the_lookups(loop, tmp_path) -> None:
+    from .conftest import World
+
+    world = World(loop, str(tmp_path / "shards"))  # fresh shards: reset() leaves the lookups unbuilt
+    try:
+        async def write_and_read() -> list[Any]:
+            async with world.Session() as session:
+                session.add_all([WL("Europe", "London"), WL("North America", "London")])
+                await session.commit()
+                return list((await session.scalars(select(WL.continent).where(WL.city == "London"))).all())
+
+        with trace(world.engines) as t:
+            assert sorted(world.run(write_and_read())) == ["Europe", "North America"]
+        assert not [r for r in t.records if "_lookup" in r["sql"]]  # no lookup SQL at all
+        assert main_statement_shards(t)[-1] == list(SHARD_IDS)  # the filter scatters
+
+        async def station() -> None:
+            async with world.Session() as session:
+                session.add(WL("Asia", "Tokyo", "RJTT"))
+                await session.commit()
+
+        before = stored_rows(world)
+        with trace(world.engines) as t, pytest.raises(shardlib.lookups.LookupsNotEnabled, match="'RJTT'.*enable"):
+            world.run(station())
+        assert t.records == [] and stored_rows(world) == before
+        with pytest.raises(shardlib.lookups.LookupsNotEnabled):
+            world.run(shardlib.bulk_insert(world.engines, WL, [{"continent": "Asia", "city": "X", "station": "RJAA"}]))
+        assert stored_rows(world) == before
+
+        filled = world.run(shardlib.lookups.enable(world.engines))
+        assert sorted(filled["problem"]) == ["missing", "missing"] and filled["repaired"].all()
+        assert_lookups_exact(world)
+        with trace(world.engines) as t:
+            assert sorted(world.run(write_and_read())) == ["Europe", "Europe", "North America", "North America"]
+        assert main_statement_shards(t)[-1] == ["north_america", "europe"]
+        world.run(station())
+        assert_lookups_exact(world)
+    finally:
+        world.close()

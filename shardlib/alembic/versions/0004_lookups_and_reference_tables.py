@@ -1,17 +1,15 @@
-"""Beyond the shard key: ``weather_locations.station``, lookup tables, ``countries``.
+"""Beyond the shard key: ``weather_locations.station`` and the ``countries`` reference table.
 
 * ``weather_locations.station``: a NULLABLE weather-station code (adding a
   nullable column is instant and breaks no writer). It is unique across all
   shards, which no shard can check: the unique lookup does.
-* ``city_lookup`` and ``station_lookup``, on ``COUNTER_SHARD`` only (next to
-  the id counter): value -> location id (an id names its logical shard, so
-  the lookup never stores a database name).
 * ``countries``, a reference table, on **every** shard, filled with the same
   GeoNames rows everywhere (:mod:`shardlib.geonames`, CC BY 4.0).
 
-Shards that already hold locations: each shard is migrated on its own, and
-the lookups on ``COUNTER_SHARD`` must list rows of every shard, so after this
-upgrade run ``await shardlib.lookups.repair(engines)`` once to fill them.
+The lookup tables are not made here: like an index, they are built and
+filled from every shard's rows when asked for, by
+``await shardlib.lookups.enable(engines)`` (a revision runs on one shard at a
+time and cannot read the others).
 
 Revision ID: 0004_lookups
 Revises: 0001_initial
@@ -23,8 +21,6 @@ import sqlalchemy as sa
 from alembic import op
 
 from shardlib.geonames import COUNTRIES
-from shardlib.migrations import current_shard
-from shardlib.shards import COUNTER_SHARD
 
 revision = "0004_lookups"
 down_revision = "0001_initial"
@@ -42,25 +38,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("code"),
     )
     op.bulk_insert(countries, [{"code": c, "name": n, "continent": k} for c, n, k in COUNTRIES])
-    if current_shard() == COUNTER_SHARD:
-        op.create_table(
-            "city_lookup",
-            sa.Column("value", sa.String(length=100), nullable=False),
-            sa.Column("location_id", sa.Integer(), autoincrement=False, nullable=False),
-            sa.PrimaryKeyConstraint("value", "location_id"),
-        )
-        op.create_table(
-            "station_lookup",
-            sa.Column("value", sa.String(length=10), nullable=False),
-            sa.Column("location_id", sa.Integer(), nullable=False),
-            sa.PrimaryKeyConstraint("value"),
-        )
 
 
 def downgrade() -> None:
-    if current_shard() == COUNTER_SHARD:
-        op.drop_table("station_lookup")
-        op.drop_table("city_lookup")
     op.drop_table("countries")
     with op.batch_alter_table("weather_locations") as batch:
         batch.drop_column("station")
