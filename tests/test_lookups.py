@@ -626,3 +626,19 @@ def test_before_enable_nothing_changes_and_a_station_is_refused_then_enable_fill
         assert_lookups_exact(world)
     finally:
         world.close()
+
+
+def test_a_city_changed_and_changed_back_in_one_transaction_keeps_its_entry(world) -> None:
+    """Quito -> Lima -> Quito before one commit: the entry for Quito is queued for removal by the
+    first change and must survive it (the row holds Quito again when the removal runs)."""
+    [(quito_id, *_)] = load(world, [("South America", "Quito", None)])
+
+    async def there_and_back(session: Any) -> None:
+        quito = await session.get(WL, quito_id)
+        quito.city = "Lima"
+        await session.flush()
+        quito.city = "Quito"
+        await session.flush()
+
+    _orm(world, there_and_back)
+    assert_lookups_exact(world)
