@@ -124,8 +124,8 @@ ROUTING = "shardlib.lookup_routing"
 the lookups (to compare with a scatter); by default they consult them once they are enabled."""
 
 MAINTENANCE = "shardlib.lookups"
-"""``info={MAINTENANCE: False}``: sessions do not write lookup entries. Only to measure what
-maintenance costs: rows written so are missing from the lookups until :func:`repair` runs."""
+"""``info={MAINTENANCE: False}``: a session that writes no lookup entries (:func:`repair`'s own);
+rows written by such a session would be missing from the lookups until :func:`repair` runs."""
 
 _REMOVALS = "shardlib.lookup_removals"  # (lookup name, value, location id) to remove after commit
 _WROTE = "shardlib.lookup_wrote"  # the session's COUNTER_SHARD connection holds lookup writes
@@ -219,8 +219,8 @@ def ask(orm_context: ORMExecuteState) -> LookupAnswers | None:
     """Ask the lookup tables what a statement's WHERE needs; ``None`` if it needs nothing.
 
     Hands the answers to the ``execute_chooser`` as an execution option (the
-    chooser itself does no I/O). Only in sessions made with
-    ``make_sessionmaker(..., lookup_routing=True)``.
+    chooser itself does no I/O). Once :func:`enable` has built the lookups, unless
+    the session was made with ``make_sessionmaker(..., lookup_routing=False)``.
     """
     params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
     answers = answers_for(orm_context.session, orm_context.statement, params)
