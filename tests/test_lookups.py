@@ -642,3 +642,28 @@ def test_a_city_changed_and_changed_back_in_one_transaction_keeps_its_entry(worl
 
     _orm(world, there_and_back)
     assert_lookups_exact(world)
+
+
+def test_a_claim_waits_for_the_writer_holding_the_value_and_then_refuses(world) -> None:
+    """A has flushed EGLL (its entry committed, its row not yet): B's claim must not take the
+    entry over as stale, but wait for A to finish (SQLite: the write ticket; PostgreSQL: the
+    advisory lock A holds on its row's shard) and then refuse."""
+
+    async def go() -> str:
+        async with world.Session() as a:
+            a.add(WL("Europe", "A", "EGLL"))
+            await a.flush()
+            async with world.Session() as b:
+                b.add(WL("Asia", "B", "EGLL"))
+                pending = asyncio.create_task(b.commit())
+                await asyncio.sleep(0.3)  # let B reach its claim (it must wait there for A)
+                await a.commit()
+                try:
+                    await pending
+                    return "B won"
+                except DuplicateLookupValue:
+                    return "B refused"
+
+    assert world.run(go()) == "B refused"
+    assert sorted(stored_rows(world)["station"]) == [("EGLL", i) for _, i in lookup_rows(world)["station"]]
+    assert len(stored_rows(world)["station"]) == 1
