@@ -30,7 +30,8 @@ shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
 :mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
 two-phase commit), :mod:`~shardlib.outages` (a shard server that is down),
 :mod:`~shardlib.lookups` (lookup tables: global secondary indexes, unique
-station codes) and :mod:`~shardlib.reference` (tables copied to every shard).
+station codes), :mod:`~shardlib.reference` (tables copied to every shard) and
+:mod:`~shardlib.joins` (cross-shard joins as an application-side hash join).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .twophase import DecisionRefused, recover, recovery_task
 from .locking import take_write_ticket
 from .models import Base, Country, Report, WeatherLocation, id_counter
 from .lookups import DuplicateLookupValue
-from . import lookups, reference
+from . import joins, lookups, reference
 from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -90,5 +91,5 @@ __all__ = [
     "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
     "trace", "wrapped",
 ]
-__all__ += ["Country", "DuplicateLookupValue", "lookups", "reference"]  # shardlib.lookups, shardlib.reference
+__all__ += ["Country", "DuplicateLookupValue", "joins", "lookups", "reference"]  # beyond the shard key
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

@@ -48,7 +48,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.sql import operators, visitors
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnClause, Grouping, Label
+from sqlalchemy.sql.elements import BinaryExpression, ColumnClause, Grouping, Label
 from sqlalchemy.sql.selectable import Alias, Join, Select, TableClause
 
 from .analysis import _conjuncts, canonical

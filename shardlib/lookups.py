@@ -110,7 +110,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import _UNKNOWN, LOOKUP_ANSWERS, LookupAnswers, lookup_values
+from .analysis import LOOKUP_ANSWERS, LookupAnswers, lookup_values
 from .models import LOOKUPS, Lookup, WeatherLocation, lookup_metadata
 from .shards import COUNTER_SHARD, SHARD_IDS, shard_for_id
 
@@ -144,10 +144,8 @@ def is_enabled(engine: Engine) -> bool:
     and process (``reset``, :func:`enable` and :func:`disable` record the answer)."""
     known = _enabled.get(engine)
     if known is None:
-        from sqlalchemy import inspect as sa_inspect
-
         with engine.connect() as connection:
-            known = _enabled[engine] = all(sa_inspect(connection).has_table(lk.table.name) for lk in LOOKUPS)
+            known = _enabled[engine] = all(inspect(connection).has_table(lk.table.name) for lk in LOOKUPS)
     return known
 
 

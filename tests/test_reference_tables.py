@@ -20,7 +20,7 @@ from shardlib import SHARD_IDS, Country, WeatherLocation as WL, trace
 from shardlib.geonames import COUNTRIES
 from shardlib.reference import ReferenceCopiesDiffer
 
-from .conftest import Unsharded, loaded_world
+from .conftest import loaded_world
 
 DATA = [("Europe", "London", []), ("Europe", "Dublin", [1.0]), ("Asia", "Tokyo", [2.0]),
         ("South America", "Quito", [3.0]), ("North America", "Toronto", [])]
