@@ -44,7 +44,7 @@ from .engines import check_engines
 from . import lookups
 from .ids import advance_counter
 from .models import Report, WeatherLocation
-from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, make_id, shard_for_continent, shard_for_id
+from .shards import COUNTER_SHARD, SHARD_IDS, make_id, shard_for_continent, shard_for_id
 
 DEFAULT_BATCH_SIZE = 10_000
 
@@ -176,11 +176,9 @@ async def bulk_insert(
         columns = LOCATION_COLUMNS
         async with engines[COUNTER_SHARD].begin() as conn:
             number = await conn.run_sync(advance_counter, total)
-        step = 1 << SHARD_BITS  # consecutive sequence numbers on one shard
-        for shard in SHARD_IDS:
+        for shard in SHARD_IDS:  # ids name each row's continent (its logical shard)
             pairs = routed[shard]
-            first_id = make_id(number, shard)
-            routed[shard] = [(first_id + i * step, *row) for i, row in enumerate(pairs)]
+            routed[shard] = [(make_id(number + i, row[0]), *row) for i, row in enumerate(pairs)]
             number += len(pairs)
         # lookup entries first, committed before any row (shardlib.lookups); a duplicate station stops here
         await lookups.bulk_created(engines, [(r[0], {"city": r[2], "station": r[3]})

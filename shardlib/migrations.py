@@ -291,6 +291,7 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
     ``COUNTER_SHARD``). Lookups are then not built (:func:`shardlib.lookups.enable`).
     """
     from .engines import refuse_in_doubt_transactions
+    from .resharding import drop_sidecar
 
     def go(conn: Connection) -> tuple[str, ...]:
         if conn.dialect.name == "postgresql":
@@ -298,6 +299,7 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
         counter_metadata.drop_all(conn)
         lookup_metadata.drop_all(conn)  # built on demand by shardlib.lookups.enable()
         Base.metadata.drop_all(conn)
+        drop_sidecar(conn)  # a continent move's tables (shardlib.resharding)
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         _upgrade_with_cached_scripts(conn, shard, f"{SCHEMA_BRANCH}@head")
         if shard == COUNTER_SHARD:
