@@ -233,10 +233,10 @@ def answers_for(session: Session, statement: Any, params: Mapping[str, Any] | No
     Read on the session's own ``COUNTER_SHARD`` connection: it sees every
     committed entry and the session's own uncommitted ones.
     """
-    if session.info.get(ROUTING) is False or not _session_enabled(session):
+    if session.info.get(ROUTING) is False:
         return None
-    wanted = lookup_values(statement, params)
-    if not wanted:
+    wanted = lookup_values(statement, params)  # no I/O: most statements need no lookup
+    if not wanted or not _session_enabled(session):
         return None
     return answers_from(_read(_session_connection(session, COUNTER_SHARD), wanted))
 
