@@ -104,7 +104,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, delete, event, func, inspect, select, update
+from sqlalchemy import Connection, Engine, and_, delete, event, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session
@@ -261,11 +261,25 @@ def advisory_key(lookup: Lookup, value: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+_LOCK_ALL = None
+
+
 def _lock_values(connection: Connection, keys: Sequence[int]) -> None:
-    """PostgreSQL: hold an advisory lock per value until this transaction ends (in key order)."""
+    """PostgreSQL: hold an advisory lock per value until this transaction ends.
+
+    One statement for all of them, taken in key order (two writers locking
+    overlapping values in one order cannot deadlock each other).
+    """
+    global _LOCK_ALL
     if connection.dialect.name == "postgresql" and keys:
-        for key in sorted(set(keys)):
-            connection.execute(select(func.pg_advisory_xact_lock(key)))
+        if _LOCK_ALL is None:
+            from sqlalchemy import BigInteger, bindparam, text
+            from sqlalchemy.dialects.postgresql import ARRAY
+
+            _LOCK_ALL = text(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT unnest(:keys) AS k ORDER BY 1) AS ordered"
+            ).bindparams(bindparam("keys", type_=ARRAY(BigInteger)))
+        connection.execute(_LOCK_ALL, {"keys": sorted(set(keys))})
 
 
 def _owner_holds(connection: Connection, lookup: Lookup, value: str, location_id: int) -> bool:
