@@ -14,6 +14,9 @@ What happens:
    id counter) is touched;
 2. ids for all the locations come from the global counter in **one**
    statement (``UPDATE id_counter ... RETURNING``), each naming its shard;
+   their lookup entries (city, station: :mod:`shardlib.lookups`) are written
+   and committed next, before any row (a station already in use stops the
+   load here, before any shard is written);
 3. each shard receives its rows as ``executemany`` batches of plain tuples,
    inside one transaction per shard; server shards are written
    **concurrently**, embedded SQLite shards one after another (see
@@ -38,6 +41,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .engines import check_engines
+from . import lookups
 from .ids import advance_counter
 from .models import Report, WeatherLocation
 from .shards import COUNTER_SHARD, SHARD_IDS, make_id, shard_for_continent, shard_for_id
@@ -45,7 +49,7 @@ from .shards import COUNTER_SHARD, SHARD_IDS, make_id, shard_for_continent, shar
 DEFAULT_BATCH_SIZE = 10_000
 
 
-LOCATION_COLUMNS = ("id", "continent", "city")
+LOCATION_COLUMNS = ("id", "continent", "city", "station")
 REPORT_COLUMNS = ("location_id", "temperature", "report_time")
 
 
@@ -58,10 +62,10 @@ def _check_mapping(number: int, row: Any, columns: Sequence[str]) -> None:
 
 
 def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
-    """Validate and route every row first; ``(continent, city)`` per shard."""
+    """Validate and route every row first; ``(continent, city, station)`` per shard."""
     routed: dict[str, list[tuple[Any, ...]]] = {s: [] for s in SHARD_IDS}
     for number, row in enumerate(rows):
-        _check_mapping(number, row, LOCATION_COLUMNS[1:])
+        _check_mapping(number, row, LOCATION_COLUMNS[1:3])
         try:
             continent, city = row["continent"], row["city"]
         except KeyError as missing:
@@ -69,7 +73,7 @@ def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[
                              f"locations need 'continent' and 'city'") from None
         if row.get("id") is not None:
             raise ValueError(f"row {number} {dict(row)!r} has an id; bulk_insert allocates ids itself")
-        routed[shard_for_continent(continent)].append((continent, city))
+        routed[shard_for_continent(continent)].append((continent, city, row.get("station")))
     return routed
 
 
@@ -174,8 +178,11 @@ async def bulk_insert(
             number = await conn.run_sync(advance_counter, total)
         for shard in SHARD_IDS:  # ids name each row's continent (its logical shard)
             pairs = routed[shard]
-            routed[shard] = [(make_id(number + i, c), c, city) for i, (c, city) in enumerate(pairs)]
+            routed[shard] = [(make_id(number + i, row[0]), *row) for i, row in enumerate(pairs)]
             number += len(pairs)
+        # lookup entries first, committed before any row (shardlib.lookups); a duplicate station stops here
+        await lookups.bulk_created(engines, [(r[0], {"city": r[2], "station": r[3]})
+                                             for shard in SHARD_IDS for r in routed[shard]])
 
     bar = None
     if progress:
