@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -107,6 +107,8 @@ class ShardMap:
         if len(set(numbers)) != len(numbers) or not all(0 <= n <= _SHARD_MASK for n in numbers):
             raise ValueError(f"slots must be distinct numbers 0-{_SHARD_MASK}: {dict(self.slots)}")
         by_slot = {n: c for c, n in self.slots.items()}
+        object.__setattr__(self, "_database_ids", tuple(self.databases))
+        object.__setattr__(self, "_continents", tuple(self.placement))
         object.__setattr__(self, "_serving", tuple(d for d in self.databases if d in set(self.placement.values())))
         object.__setattr__(self, "_slot_by_key", {**{logical_shard_name(c): n for c, n in self.slots.items()},
                                                    **self.slots})
@@ -119,7 +121,7 @@ class ShardMap:
     @property
     def database_ids(self) -> tuple[str, ...]:
         """The databases, in canonical order (the session's shard ids)."""
-        return tuple(self.databases)
+        return self._database_ids  # type: ignore[attr-defined, no-any-return]
 
     @property
     def serving(self) -> tuple[str, ...]:
@@ -130,7 +132,7 @@ class ShardMap:
 
     @property
     def continents(self) -> tuple[str, ...]:
-        return tuple(self.placement)
+        return self._continents  # type: ignore[attr-defined, no-any-return]
 
     def database_for(self, continent: object) -> str:
         """The database storing ``continent``, or ``ValueError`` naming the valid ones."""
@@ -246,32 +248,36 @@ def activate(shard_map: ShardMap) -> None:
     _current = shard_map
 
 
-class _LiveDatabases(Sequence[str]):
-    """``SHARD_IDS``: the current map's databases, in canonical order."""
+class _LiveTuple(Sequence[str]):
+    """A name whose contents are read from the current map at each use."""
+
+    def __init__(self, read: Callable[[ShardMap], tuple[str, ...]], doc: str) -> None:
+        self._read = read
+        self.__doc__ = doc
 
     def __getitem__(self, index: Any) -> Any:
-        return _current.database_ids[index]
+        return self._read(_current)[index]
 
     def __len__(self) -> int:
-        return len(_current.databases)
+        return len(self._read(_current))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_current.database_ids)
+        return iter(self._read(_current))
 
     def __contains__(self, value: object) -> bool:
-        return value in _current.databases
+        return value in self._read(_current)
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
-        return _current.database_ids.index(value)
+        return self._read(_current).index(value)
 
     def __eq__(self, other: object) -> bool:
-        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, _LiveDatabases)) else other)
+        return self._read(_current) == (tuple(other) if isinstance(other, (tuple, list, _LiveTuple)) else other)
 
     def __hash__(self) -> int:
-        return hash(tuple(self))
+        return hash(self._read(_current))
 
     def __repr__(self) -> str:
-        return repr(_current.database_ids)
+        return repr(self._read(_current))
 
 
 class _LiveDirectory(Mapping[str, str]):
@@ -290,60 +296,16 @@ class _LiveDirectory(Mapping[str, str]):
         return repr(dict(_current.placement))
 
 
-class _LiveContinents(_LiveDatabases):
-    """``CONTINENTS``: the current map's continents."""
-
-    def __getitem__(self, index: Any) -> Any:
-        return _current.continents[index]
-
-    def __len__(self) -> int:
-        return len(_current.placement)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_current.continents)
-
-    def __contains__(self, value: object) -> bool:
-        return value in _current.placement
-
-    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
-        return _current.continents.index(value)
-
-    def __repr__(self) -> str:
-        return repr(_current.continents)
-
-
-SHARD_IDS: Sequence[str] = _LiveDatabases()
+SHARD_IDS: Sequence[str] = _LiveTuple(lambda m: m.database_ids, "the databases, in canonical order")
 """The databases (the session's shard ids), in canonical order; flushes write in this order."""
 
-class _LiveServing(_LiveDatabases):
-    """``SERVING_SHARD_IDS``: the current map's databases that store a continent."""
-
-    def __getitem__(self, index: Any) -> Any:
-        return _current.serving[index]
-
-    def __len__(self) -> int:
-        return len(_current.serving)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_current.serving)
-
-    def __contains__(self, value: object) -> bool:
-        return value in _current.serving
-
-    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
-        return _current.serving.index(value)
-
-    def __repr__(self) -> str:
-        return repr(_current.serving)
-
-
-SERVING_SHARD_IDS: Sequence[str] = _LiveServing()
+SERVING_SHARD_IDS: Sequence[str] = _LiveTuple(lambda m: m.serving, "the databases that store a continent")
 """The databases that store at least one continent (what a fan-out visits)."""
 
 SHARD_FOR_CONTINENT: Mapping[str, str] = _LiveDirectory()
 """The directory: continent -> database. Several continents may share a database."""
 
-CONTINENTS: Sequence[str] = _LiveContinents()
+CONTINENTS: Sequence[str] = _LiveTuple(lambda m: m.continents, "the continents in the map")
 """The continents shardlib knows how to store."""
 
 
