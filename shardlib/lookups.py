@@ -766,7 +766,7 @@ async def repair(engines: Mapping[str, AsyncEngine]) -> pd.DataFrame:
     from .locking import take_write_ticket
     from .session import make_sessionmaker
 
-    Session = make_sessionmaker(dict(engines), check_schema=False, info={MAINTENANCE: False})
+    Session = make_sessionmaker({s: engines[s] for s in SHARD_IDS}, check_schema=False, info={MAINTENANCE: False})
     async with Session() as session:
         def go(sync_session: Session) -> pd.DataFrame:
             take_write_ticket(sync_session)

@@ -999,10 +999,25 @@ async def add_database(engines: Mapping[str, AsyncEngine], name: str, url: str |
         for revision in wanted:
             if revision not in have:
                 await migrations.migrate(engines, revision, shard=name)
+        await _copy_reference_tables(engines[some], engines[name])
     except BaseException:
         shards.activate(shard_map)
         raise
     return await catalog.publish(next_map, reason=f"add database {name}")
+
+
+async def _copy_reference_tables(source: AsyncEngine, target: AsyncEngine) -> None:
+    """A new database gets its copy of every reference table (shardlib.reference) before it
+    serves anything: joins with them run inside each database."""
+    from .models import REFERENCE_TABLES
+
+    for table in REFERENCE_TABLES:
+        async with source.connect() as conn:
+            rows = [dict(r._mapping) for r in await conn.execute(select(table))]
+        async with target.begin() as conn:
+            await conn.execute(delete(table))
+            if rows:
+                await conn.execute(insert(table), rows)
 
 
 async def add_continent(engines: Mapping[str, AsyncEngine], continent: str, database: str, *,

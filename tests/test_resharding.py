@@ -609,6 +609,13 @@ def test_lookups_stay_right_after_a_move_because_they_store_ids(world: World) ->
 
     seeded(world, extra_europe=2)
     world.run(lookups.enable(world.engines))
+
+    async def new_country() -> None:  # a reference row written after the databases were built
+        async with world.Session() as session:
+            await session.execute(insert(shardlib.Country).values(code="XE", name="Testland", continent="Europe"))
+            await session.commit()
+
+    world.run(new_country())
     target, _ = spare()
     move(world)
 
@@ -622,5 +629,18 @@ def test_lookups_stay_right_after_a_move_because_they_store_ids(world: World) ->
 
     cities, ran_on, differences = world.run(go())
     assert cities == ["London", "Tokyo"]
+    # the new database got its copy of every reference table: joins with them stay local
+    assert len(world.run(shardlib.reference.check_copies(world.engines))) == 0
+
+    async def joined() -> tuple[int, list[str]]:
+        async with world.Session() as session:
+            with shardlib.trace(world.engines) as t:
+                rows = (await session.execute(select(WeatherLocation.city, shardlib.Country.name)
+                                              .join(shardlib.Country, shardlib.Country.continent == WeatherLocation.continent)
+                                              .where(WeatherLocation.continent == "Europe"))).all()
+        return len(rows), t.shards()
+
+    count, joined_on = world.run(joined())
+    assert count > 0 and joined_on == [target]
     assert set(ran_on) == {shardlib.COUNTER_SHARD, "asia", target}  # the lookup, then the two rows' databases
     assert len(differences) == 0
