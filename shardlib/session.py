@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.ext.horizontal_shard import ShardedQuery, ShardedSession
 from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
@@ -74,6 +74,25 @@ class ShardlibSession(ShardedSession):
     """A ``ShardedSession`` that allocates global ids, validates before flushing, guards
     every write path and answers multi-shard statements exactly or refuses
     (:mod:`shardlib.execution`)."""
+
+    def __init__(self, shard_chooser: Any, identity_chooser: Any, execute_chooser: Any,
+                 shards: dict[str, Any], query_cls: Any = ShardedQuery, **kw: Any) -> None:
+        """``ShardedSession.__init__`` without its per-session ``do_orm_execute`` hook.
+
+        That hook would run every statement a second time through the session
+        (``invoke_statement``); shardlib's class-level hook
+        (:func:`shardlib.execution.execute`) routes every statement itself, and
+        runs a one-shard statement once, in place. Registering an event on a
+        session *instance* also gives each session its own copy of the event
+        dispatcher, which cost more than creating the rest of the session.
+        """
+        Session.__init__(self, query_cls=query_cls, **kw)
+        self.shard_chooser = shard_chooser
+        self.identity_chooser = identity_chooser
+        self.execute_chooser = execute_chooser
+        self._ShardedSession__shards: dict[str, Any] = {}  # ShardedSession.bind_shard fills it
+        for shard, bind in shards.items():
+            self.bind_shard(shard, bind)
 
     def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
                  clause: Any = None, **kw: Any) -> Any:
