@@ -72,8 +72,8 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards
-from .analysis import canonical, is_exists_only, locality, shards_for
+from . import guards, routecache
+from .analysis import canonical, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SHARD_IDS
 
@@ -136,11 +136,27 @@ def _on(orm_context: ORMExecuteState, shard: str, statement: Any = None, params:
     return orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
 
 
+def _in_place(orm_context: ORMExecuteState, shard: str) -> None:
+    """Run the statement once, on ``shard``, as the session's own execution.
+
+    ``ShardedSession`` answers even a one-shard statement by executing it
+    again through the session (``invoke_statement``): a second pass through
+    ``Session.execute``'s option handling, for nothing. Here the hook only
+    names the shard and returns ``None``, so ``Session.execute`` carries on
+    and runs the statement itself, once, on that shard's connection (the
+    ``identity_token`` keeps loaded objects in that shard's identity map,
+    exactly as ``invoke_statement`` would). Hooks registered after this one
+    still run, once.
+    """
+    orm_context.bind_arguments["shard_id"] = shard
+    orm_context.update_execution_options(identity_token=shard)
+
+
 def _concatenate(results: list[Result[Any]]) -> Result[Any]:
     return results[0].merge(*results[1:])
 
 
-def execute(orm_context: ORMExecuteState) -> Result[Any]:
+def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute`` for shardlib sessions (see the module docstring)."""
     session = orm_context.session
     statement = orm_context.statement
@@ -151,18 +167,18 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if pinned is not None:
         if orm_context.is_update:
             guards.check_update(statement, params, [pinned])
-        return _on(orm_context, pinned)
+        return _in_place(orm_context, pinned)
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
-        problem, reads_sharded = locality(statement)
+        problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
         if problem:
             raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
         if not reads_sharded:
-            return _on(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
-    if not concatenate and not loader and is_exists_only(statement):
-        return _exists(orm_context, statement, params)
+            return _in_place(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
+        if exists_only:
+            return _exists(orm_context, statement, params)
 
     shards = list(session.execute_chooser(orm_context))
     if orm_context.is_update:
@@ -170,7 +186,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if not shards:
         shards = [SHARD_IDS[0]]
     if len(shards) == 1:
-        return _on(orm_context, shards[0])
+        return _in_place(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:
         if not (concatenate or loader) and not (orm_context.is_update or orm_context.is_delete):
             raise _refuse(f"{type(statement).__name__} (shardlib cannot see what it reads)", shards)

@@ -55,6 +55,7 @@ from .analysis import (  # re-exported: the analysis used to live here
     shards_for_tree,
     to_tree,
 )
+from . import routecache
 from .models import Report, WeatherLocation
 from .shards import SHARD_IDS, shard_for_continent, shard_for_id
 
@@ -119,11 +120,13 @@ def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     """Which shards run a statement that names no shard itself.
 
     A lazy load (``await location.awaitable_attrs.reports``) runs on the
-    parent's shard. Everything else is routed by :func:`shards_for`; if no shard
+    parent's shard. Everything else is routed by :func:`shards_for` (its answer
+    remembered per statement and values: :mod:`shardlib.routecache`); if no shard
     can match, the statement still runs on one shard (``ShardedSession`` needs
     one to build the empty result), where it matches nothing.
     """
     parent = orm_context.lazy_loaded_from if orm_context.is_select else None
     if parent is not None and parent.identity_token is not None:
         return [parent.identity_token]
-    return shards_for(orm_context.statement, orm_context.parameters) or [SHARD_IDS[0]]
+    # shards_for, remembered by statement structure + bound values (shardlib.routecache)
+    return routecache.shards(orm_context.statement, orm_context.parameters) or [SHARD_IDS[0]]

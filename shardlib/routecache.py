@@ -1,0 +1,187 @@
+"""Routing decisions, remembered: the same statement with the same values routes the same way.
+
+Routing a statement (:func:`shardlib.analysis.shards_for`) and checking that
+its shards can answer it alone (:func:`shardlib.analysis.locality`) read the
+statement's structure and its bound values; for a small SELECT that is a
+tenth of a millisecond, about as long as SQLite takes to answer it. Programs
+run the same few statements again and again, so shardlib remembers the
+answers, keyed the way SQLAlchemy keys its own compiled-SQL cache::
+
+    statement._generate_cache_key()       # structure: same key, same SQL text
+        .key                              # (SQLAlchemy computes it anyway, once per
+        .bindparams                       #  statement object, to find the compiled SQL)
+
+Two caches, each answer a pure function of what is in its key:
+
+=========================  =================================================
+question                   key
+=========================  =================================================
+*where may it run?*        the cache key's structure only: whether every
+(locality, EXISTS)         shard can answer alone depends on FROM elements,
+                           joins and functions, never on values
+*which shards?*            the structure **plus every bound value** in the
+(``shards_for``)           statement, **plus the execute-time parameters**:
+                           ``continent == 'Asia'`` and ``continent ==
+                           'Europe'`` share a cache key and differ in their
+                           values
+=========================  =================================================
+
+Values go into the key *with their type* (``1``, ``1.0`` and ``True`` are
+equal, and hash alike, in Python, but are three different SQL comparisons:
+``shard_for_id(True)`` is no shard). A statement is not cached, and is
+routed afresh every time, when
+
+* SQLAlchemy cannot key it (``_generate_cache_key()`` is ``None``);
+* a bound value is computed when it runs (``bindparam(callable_=...)``);
+* a value is not one of the plain types below (a custom object could change
+  between two runs without changing its hash);
+* the shard map changed since the answer was remembered (both caches start
+  empty again: ``shards.current()`` is a new map).
+
+A cache hit therefore routes exactly as a miss would;
+``tests/test_routing_cache.py`` checks it with the generative oracle (every
+statement run cold and warm: same shards, same rows as one unsharded
+database). ``stats()`` counts hits and misses; ``clear()`` forgets
+everything; ``ENABLED = False`` switches caching off.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.util import LRUCache
+
+from . import shards as _shards
+from .analysis import is_exists_only, locality, shards_for
+
+ENABLED = True
+"""``False``: every statement is analysed afresh (what a cache miss does)."""
+
+CAPACITY = 2000
+"""Entries per cache (least recently used ones go first)."""
+
+_PLAIN = (str, int, float, bool, type(None), bytes, decimal.Decimal, datetime.date, datetime.datetime,
+          datetime.time, datetime.timedelta, uuid.UUID)
+
+
+class _Unkeyable(Exception):
+    """A value whose routing cannot be remembered safely."""
+
+
+def _freeze(value: Any) -> Any:
+    """``value`` as a hashable key part that keeps its type (``1`` is not ``1.0`` is not ``True``)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return (kind, value)
+    if kind in (list, tuple):
+        return (kind, tuple(_freeze(v) for v in value))
+    raise _Unkeyable
+
+
+def _freeze_params(params: Any) -> Any:
+    if not params:
+        return ()
+    if isinstance(params, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in params.items()))
+    return tuple(_freeze_params(p) for p in params)  # executemany: one entry per parameter set
+
+
+class _Caches:
+    def __init__(self) -> None:
+        self.facts: LRUCache[Any, tuple[str | None, bool, bool]] = LRUCache(CAPACITY)
+        self.routes: LRUCache[Any, tuple[str, ...]] = LRUCache(CAPACITY)
+        self.shard_map: Any = None
+        self.hits = 0
+        self.misses = 0
+        self.uncached = 0
+
+    def current(self) -> _Caches:
+        """Forget everything if the shard map is not the one the answers were made with."""
+        current = getattr(_shards, "current", None)  # the versioned map (issue #13), if present
+        shard_map = current() if current is not None else _shards.SHARD_FOR_CONTINENT
+        if shard_map is not self.shard_map:
+            self.facts.clear()
+            self.routes.clear()
+            self.shard_map = shard_map
+        return self
+
+
+_caches = _Caches()
+
+
+def _structure(statement: Any) -> Any:
+    try:
+        cache_key = statement._generate_cache_key()
+    except (AttributeError, NotImplementedError):
+        return None
+    return cache_key
+
+
+def facts(statement: Any) -> tuple[str | None, bool, bool]:
+    """``(locality problem or None, reads a sharded table?, select(exists(...)) only?)``."""
+    cache_key = _structure(statement) if ENABLED else None
+    if cache_key is None:
+        _caches.uncached += 1
+        return (*locality(statement), is_exists_only(statement))
+    caches = _caches.current()
+    found = caches.facts.get(cache_key.key)
+    if found is None:
+        caches.misses += 1
+        found = caches.facts[cache_key.key] = (*locality(statement), is_exists_only(statement))
+    else:
+        caches.hits += 1
+    return found
+
+
+def route_key(statement: Any, params: Any) -> Any:
+    """The key under which ``shards_for(statement, params)`` is remembered, or ``None``.
+
+    Structure, every bound value with its type, and the execute-time parameters.
+    """
+    cache_key = _structure(statement)
+    if cache_key is None:
+        return None
+    try:
+        values = []
+        for bind in cache_key.bindparams:
+            if bind.callable is not None:  # computed at each run: may differ next time
+                return None
+            values.append(_freeze(bind.value))
+        return (cache_key.key, tuple(values), _freeze_params(params))
+    except _Unkeyable:
+        return None
+
+
+def shards(statement: Any, params: Any = None) -> list[str]:
+    """:func:`shardlib.analysis.shards_for`, remembered (see the module docstring)."""
+    key = route_key(statement, params) if ENABLED else None
+    if key is None:
+        _caches.uncached += 1
+        return shards_for(statement, params)
+    caches = _caches.current()
+    found = caches.routes.get(key)
+    if found is None:
+        caches.misses += 1
+        found = caches.routes[key] = tuple(shards_for(statement, params))
+    else:
+        caches.hits += 1
+    return list(found)
+
+
+def stats() -> dict[str, int]:
+    """Hits, misses and statements that could not be cached, since the last :func:`clear`."""
+    return {"hits": _caches.hits, "misses": _caches.misses, "uncached": _caches.uncached,
+            "facts": len(_caches.facts), "routes": len(_caches.routes)}
+
+
+def clear() -> None:
+    """Forget every remembered decision and reset the counters."""
+    global _caches
+    _caches = _Caches()
+
+
+__all__ = ["CAPACITY", "ENABLED", "clear", "facts", "route_key", "shards", "stats"]
