@@ -116,6 +116,17 @@ def identity_chooser(
     return list(SHARD_IDS)  # Report ids are shard-local: any shard may have one
 
 
+def shard_named_by_id(ident: Any) -> str | None:
+    """The one shard ``session.get(WeatherLocation, ident)`` can find ``ident`` on, or ``None``
+    (not a plain id: let the choosers decide). The same answer :func:`identity_chooser`
+    gives, and :func:`execute_chooser` gives for ``WHERE id = ident``."""
+    if isinstance(ident, (tuple, list)) and len(ident) == 1:
+        ident = ident[0]
+    if isinstance(ident, bool) or not isinstance(ident, int):
+        return None
+    return shard_for_id(ident)
+
+
 def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     """Which shards run a statement that names no shard itself.
 

@@ -43,6 +43,7 @@ CHECK_KEY = "shardlib.check_schema"
 _SHARDLIB_SESSION = "shardlib.allocator"  # in the info of every session make_sessionmaker makes
 
 _seen: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_verified: list[Any] = [None]  # the last set of engines check() passed without reading anything
 
 
 class SchemaDriftError(RuntimeError):
@@ -78,12 +79,14 @@ def _sync(engine: AsyncEngine | Engine) -> Engine:
 def remember(engine: AsyncEngine | Engine, revisions: Iterable[str]) -> None:
     """Record the revisions a shard is known to have (called after migrating it)."""
     _seen[_sync(engine)] = tuple(sorted(revisions))
+    _verified[0] = None
 
 
 def forget(engines: Iterable[AsyncEngine | Engine]) -> None:
     """Forget what was seen, so the next session reads ``alembic_version`` again."""
     for engine in engines:
         _seen.pop(_sync(engine), None)
+    _verified[0] = None
 
 
 def read_revisions(connection: Connection) -> tuple[str, ...]:
@@ -108,11 +111,16 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
     ``connection``, if given, is already open on one of the shards and is
     used for that shard instead of a new connection.
     """
+    verified = _verified[0]  # every session of a sessionmaker asks about the same engines
+    if verified is not None and len(verified) == len(shards) and all(
+            ref() is not None and shards.get(shard) is ref() for shard, ref in verified):
+        return
     from .migrations import schema_head
 
     expected = schema_head()
     known = {shard: _seen.get(engine) for shard, engine in shards.items()}
     if all(revs is not None for revs in known.values()) and not problems(known):  # type: ignore[arg-type]
+        _verified[0] = tuple((shard, weakref.ref(engine)) for shard, engine in shards.items())
         return
     from .outages import ShardUnavailable
 
@@ -129,6 +137,7 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
                 # (shardlib.outages); it is checked when it answers again
                 continue
         _seen[engine] = found[shard]
+    _verified[0] = None
     if problems(found):
         raise SchemaDriftError(expected, found)
 

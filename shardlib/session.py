@@ -90,9 +90,7 @@ class ShardlibSession(ShardedSession):
         self.shard_chooser = shard_chooser
         self.identity_chooser = identity_chooser
         self.execute_chooser = execute_chooser
-        self._ShardedSession__shards: dict[str, Any] = {}  # ShardedSession.bind_shard fills it
-        for shard, bind in shards.items():
-            self.bind_shard(shard, bind)
+        self._ShardedSession__shards: dict[str, Any] = dict(shards)  # what bind_shard() fills
 
     def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
                  clause: Any = None, **kw: Any) -> Any:
@@ -107,7 +105,17 @@ class ShardlibSession(ShardedSession):
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        """``Session.get``; a primary key found on several shards names them."""
+        """``Session.get``; a primary key found on several shards names them.
+
+        With shardlib's choosers, a location id names its shard: ``get()`` asks
+        that shard directly (``identity_token``), which is what the choosers
+        would answer (one identity-map token, one shard for ``WHERE id = ...``)
+        without analysing the SELECT that ``get()`` builds.
+        """
+        if kw.get("identity_token") is None and entity is WeatherLocation and self._own_choosers():
+            shard = routing.shard_named_by_id(ident)
+            if shard is not None:
+                kw["identity_token"] = shard
         try:
             return super().get(entity, ident, **kw)
         except MultipleResultsFound:
@@ -129,8 +137,14 @@ class ShardlibSession(ShardedSession):
     def flush(self, objects: Any = None) -> None:
         """Flush; a big flush runs with Python's cyclic garbage collector paused
         (see :func:`_gc_paused_for`)."""
+        if len(self._new) < GC_PAUSE_MIN_OBJECTS:  # autoflush before every query: keep it cheap
+            return super().flush(objects)
         with _gc_paused_for(len(self._new)):
             super().flush(objects)
+
+    def _own_choosers(self) -> bool:
+        return (self.identity_chooser is routing.identity_chooser
+                and self.execute_chooser is routing.execute_chooser)
 
     def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
                             **kw: Any) -> Any:
