@@ -7,10 +7,11 @@ Prints throughput per workload, the ratio shardlib / unsharded (1.00 = no
 overhead; the issue's target is >= 0.90) with its spread over rounds, and the
 seed's choosers (``routing_rules="upstream"``) for comparison.
 
-Each round runs one workload on every side, back to back, each side going
-first in turn; many short rounds rather than a few long ones, so that a burst
-of load from other programs hits one round, not one side. Ratios are taken
-within a round, then the median over rounds is shown with its spread.
+``get()`` and the filter alternate sides operation by operation (unsharded,
+shardlib, seed, shardlib, seed, unsharded, ...), so that a burst of load from
+other programs falls on all sides alike; ``add_all`` (one long operation)
+alternates round by round. Ratios are taken within a round, then the median
+over rounds is shown with its spread.
 
 Run: ``python benchmarks/overhead.py [--rounds 15] [--add-all-rounds 5]``.
 """
@@ -21,7 +22,6 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -86,36 +86,50 @@ class Sharded:
         return [b.id for b in batch]
 
 
-async def workloads(side: Plain | Sharded, ids: list[int]) -> dict[str, Callable[[], Awaitable[Any]]]:
-    """Each workload returns (operations, wall seconds, CPU seconds of this process)."""
+async def add_all_once(side: Plain | Sharded) -> tuple[float, float]:
+    """``add_all`` + commit into a fresh database of the same kind (tables stay the same size):
+    (wall seconds, CPU seconds of this process)."""
+    fresh = Plain() if isinstance(side, Plain) else Sharded(side.routing_rules)
+    await fresh.setup()
+    start, cpu = time.perf_counter(), time.process_time()
+    await fresh.add_all()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    await (fresh.engine.dispose() if isinstance(fresh, Plain) else shardlib.dispose(fresh.engines))
+    return elapsed, cpu
 
-    async def add_all() -> tuple[int, float, float]:  # into a fresh database of the same kind: tables stay the same size
-        fresh = type(side)() if isinstance(side, Plain) else Sharded(side.routing_rules)
-        await fresh.setup()
-        start, cpu = time.perf_counter(), time.process_time()
-        await fresh.add_all()
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        await (fresh.engine.dispose() if isinstance(fresh, Plain) else shardlib.dispose(fresh.engines))
-        return LOCATIONS, elapsed, cpu
 
-    async def get() -> tuple[int, float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        for location_id in ids[:GETS]:
-            async with side.Session() as session:
-                await session.get(WeatherLocation, location_id)
-        return GETS, time.perf_counter() - start, time.process_time() - cpu
+def _filter(n: int) -> Any:
+    return select(WeatherLocation).where(WeatherLocation.continent == CONTINENTS[n % 4]).limit(5)
 
-    async def filter_one_shard() -> tuple[int, float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        async with side.Session() as session:
-            for n in range(FILTERS):
-                statement = select(WeatherLocation).where(WeatherLocation.continent == CONTINENTS[n % 4]).limit(5)
-                (await session.execute(statement)).scalars().all()
-        return FILTERS, time.perf_counter() - start, time.process_time() - cpu
 
-    return {"add_all + commit (4,000 locations, a report each)": add_all,
-            "session.get(WeatherLocation, id), fresh session each": get,
-            "select ... where continent = X limit 5, one session": filter_one_shard}
+async def interleaved(sides: dict[str, Plain | Sharded], ids: dict[str, list[int]], workload: str,
+                      count: int) -> dict[str, tuple[float, float]]:
+    """One round: ``count`` operations per side, **alternating sides operation by operation**
+    (each side first in turn), so that load from other programs falls on all sides alike.
+    Returns per side (operations per wall second, per CPU second)."""
+    sessions = {name: side.Session() for name, side in sides.items()} if workload == "filter" else {}
+    spent = {name: [0.0, 0.0] for name in sides}
+    names = list(sides)
+    for n in range(count):
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            start, cpu = time.perf_counter(), time.process_time()
+            if workload == "get":
+                async with sides[name].Session() as session:
+                    await session.get(WeatherLocation, ids[name][n % len(ids[name])])
+            else:
+                (await sessions[name].execute(_filter(n))).scalars().all()
+            spent[name][0] += time.perf_counter() - start
+            spent[name][1] += time.process_time() - cpu
+    for session in sessions.values():
+        await session.close()
+    return {name: (count / wall, count / cpu) for name, (wall, cpu) in spent.items()}
+
+
+WORKLOADS = {
+    "add_all": "add_all + commit (4,000 locations, a report each)",
+    "get": "session.get(WeatherLocation, id), fresh session each",
+    "filter": "select ... where continent = X limit 5, one session",
+}
 
 
 def _spread(values: list[float]) -> str:
@@ -125,35 +139,38 @@ def _spread(values: list[float]) -> str:
 
 
 async def main(rounds: int, add_all_rounds: int) -> None:
-    sides = {"unsharded": Plain(), "shardlib": Sharded(), "seed choosers": Sharded("upstream")}
+    sides: dict[str, Plain | Sharded] = {"unsharded": Plain(), "shardlib": Sharded(),
+                                          "seed choosers": Sharded("upstream")}
     ids = {}
     for name, side in sides.items():
         await side.setup()
         ids[name] = await side.add_all()
-    work = {name: await workloads(side, ids[name]) for name, side in sides.items()}
-    labels = list(work["unsharded"])
-    # (label, side) -> per round: (ops/s wall, ops/s CPU)
-    rates: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for label in labels:
-        for round_ in range(add_all_rounds if label.startswith("add_all") else rounds):
-            names = list(sides)
-            names = names[round_ % len(names):] + names[:round_ % len(names)]  # each side goes first in turn
-            for name in names:
-                count, elapsed, cpu = await work[name][label]()
-                rates.setdefault((label, name), []).append((count / elapsed, count / cpu))
-    print(f"in-memory SQLite; interleaved rounds (each side first in turn); ratio = side / unsharded in "
-          f"the same round, median; spread = 25th-75th percentile (min-max)")
-    print(f"wall: throughput by the clock; cpu: by this process's CPU time (less sensitive to other "
-          f"programs on the machine)")
-    print(f"{'workload':<55} {'side':<14} {'rounds':>6} {'ops/s':>8} {'wall ratio':>10}  {'spread':<22}"
+    rates: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (workload, side) -> per round
+    names = list(sides)
+    for round_ in range(add_all_rounds):  # one long operation: sides alternate round by round
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            wall, cpu = await add_all_once(sides[name])
+            rates.setdefault(("add_all", name), []).append((LOCATIONS / wall, LOCATIONS / cpu))
+    for workload, count in (("get", GETS), ("filter", FILTERS)):
+        await interleaved(sides, ids, workload, 20)  # warm-up: pools, caches
+        for _ in range(rounds):
+            for name, rate in (await interleaved(sides, ids, workload, count)).items():
+                rates.setdefault((workload, name), []).append(rate)
+    print("in-memory SQLite; ratio = side / unsharded within one round, median over rounds; "
+          "spread = 25th-75th percentile (min-max)")
+    print(f"get and filter: {rounds} rounds of {GETS} operations per side, sides alternating operation by "
+          f"operation; add_all: {add_all_rounds} rounds, sides alternating round by round")
+    print("wall: throughput by the clock; cpu: by this process's CPU time (less sensitive to other "
+          "programs on the machine)")
+    print(f"{'workload':<55} {'side':<14} {'ops/s':>8} {'wall ratio':>10}  {'spread':<22}"
           f" {'cpu ratio':>9}  spread")
-    for label in labels:
-        base = rates[(label, "unsharded")]
+    for workload, label in WORKLOADS.items():
+        base = rates[(workload, "unsharded")]
         for name in sides:
-            mine = rates[(label, name)]
+            mine = rates[(workload, name)]
             wall = [m[0] / b[0] for m, b in zip(mine, base)]
             cpu = [m[1] / b[1] for m, b in zip(mine, base)]
-            print(f"{label:<55} {name:<14} {len(mine):>6} {statistics.median(m[0] for m in mine):>8,.0f} "
+            print(f"{label:<55} {name:<14} {statistics.median(m[0] for m in mine):>8,.0f} "
                   f"{statistics.median(wall):>10.2f}  {_spread(wall):<22} {statistics.median(cpu):>9.2f}  "
                   f"{_spread(cpu)}")
     for side in sides.values():
