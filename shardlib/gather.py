@@ -160,6 +160,7 @@ from sqlalchemy.sql.selectable import (
     Values,
 )
 
+from . import routecache
 from .routing import shards_for
 from .shards import SHARD_IDS
 
@@ -942,7 +943,7 @@ class GatherPlan:
             return [SHARD_IDS[0]]
         needed: set[str] = set()
         for statement in self.routing_statements:
-            needed.update(shards_for(statement, params))
+            needed.update(routecache.shards(statement, params))  # shards_for, remembered
         return [s for s in SHARD_IDS if s in needed] or [SHARD_IDS[0]]
 
     def merge(self, per_shard_rows: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[Any, ...]]:
@@ -1364,7 +1365,7 @@ async def gather(
     every connection is back in its pool when the exception arrives.
     """
     some_engine = next(iter(engines.values()))
-    the_plan = plan(statement, some_engine.dialect)
+    the_plan = routecache.plan(statement, some_engine.dialect, plan)  # remembered per statement + values
     shards = the_plan.shards(params)
     answers = await _run_all(engines, shards, the_plan.shard_statement, params, timeout)
     return _rows(the_plan.keys, the_plan.merge(answers))

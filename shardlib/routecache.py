@@ -24,6 +24,8 @@ question                   key
                            ``continent == 'Asia'`` and ``continent ==
                            'Europe'`` share a cache key and differ in their
                            values
+*gather's plan*            the same, plus the dialect (:func:`plan`: a plan
+(:func:`shardlib.gather`)  carries the statement's own values)
 =========================  =================================================
 
 Values go into the key *with their type* (``1``, ``1.0`` and ``True`` are
@@ -94,6 +96,7 @@ class _Caches:
     def __init__(self) -> None:
         self.facts: LRUCache[Any, tuple[str | None, bool, bool]] = LRUCache(CAPACITY)
         self.routes: LRUCache[Any, tuple[str, ...]] = LRUCache(CAPACITY)
+        self.plans: LRUCache[Any, Any] = LRUCache(CAPACITY)
         self.shard_map: Any = None
         self.hits = 0
         self.misses = 0
@@ -106,6 +109,7 @@ class _Caches:
         if shard_map is not self.shard_map:
             self.facts.clear()
             self.routes.clear()
+            self.plans.clear()
             self.shard_map = shard_map
         return self
 
@@ -172,10 +176,29 @@ def shards(statement: Any, params: Any = None) -> list[str]:
     return list(found)
 
 
+def plan(statement: Any, dialect: Any, make_plan: Any) -> Any:
+    """``make_plan(statement, dialect)`` (:func:`shardlib.gather.plan`), remembered under the
+    same key as routing plus the dialect. A plan embeds the statement's values (its per-shard
+    statement, LIMIT, OFFSET), so only the same structure *with the same values* shares one."""
+    key = route_key(statement, None) if ENABLED else None
+    if key is None:
+        _caches.uncached += 1
+        return make_plan(statement, dialect)
+    key = (key, dialect)  # a Dialect object (one per engine) or a dialect name
+    caches = _caches.current()
+    found = caches.plans.get(key)
+    if found is None:
+        caches.misses += 1
+        found = caches.plans[key] = make_plan(statement, dialect)
+    else:
+        caches.hits += 1
+    return found
+
+
 def stats() -> dict[str, int]:
     """Hits, misses and statements that could not be cached, since the last :func:`clear`."""
     return {"hits": _caches.hits, "misses": _caches.misses, "uncached": _caches.uncached,
-            "facts": len(_caches.facts), "routes": len(_caches.routes)}
+            "facts": len(_caches.facts), "routes": len(_caches.routes), "plans": len(_caches.plans)}
 
 
 def clear() -> None:
@@ -184,4 +207,4 @@ def clear() -> None:
     _caches = _Caches()
 
 
-__all__ = ["CAPACITY", "ENABLED", "clear", "facts", "route_key", "shards", "stats"]
+__all__ = ["CAPACITY", "ENABLED", "clear", "facts", "plan", "route_key", "shards", "stats"]
