@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 
 import shardlib
 from shardlib import SHARD_IDS, WeatherLocation, routecache, routing, trace
@@ -215,3 +215,38 @@ def test_get_by_id_goes_where_the_choosers_would(both, pick, twist) -> None:
             return (found.id, found.continent) if found is not None else None, t.shards()
 
     assert world.run(get(world.Session)) == world.run(get(wrapped))
+
+
+GATHER_SHAPES = {
+    "order_limit": lambda w, n: select(WL.city, WL.id).where(w).order_by(WL.city, WL.id).limit(n).offset(n // 2),
+    "count_by_continent": lambda w, n: select(WL.continent, func.count(), func.max(WL.city)).where(w)
+    .group_by(WL.continent).order_by(WL.continent).limit(n + 1),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(clause=clauses(("a",)), shape=st.sampled_from(sorted(GATHER_SHAPES)), data=st.data())
+def test_a_remembered_gather_plan_answers_as_a_fresh_one(both, clause, shape, data) -> None:
+    """gather's plan embeds the statement's values (per-shard statement, LIMIT): statements
+    of one shape with other values (and other LIMITs) must each get their own answer."""
+    world, oracle = both
+    variants = [(clause, data.draw(st.integers(0, 5)))] + [
+        (revalue(clause, iter(leaf_values(clause, data.draw))), data.draw(st.integers(0, 5)))
+        for _ in range(data.draw(st.integers(1, 3)))]
+    statements = [GATHER_SHAPES[shape](to_sql(v, {"a": WL}), n) for v, n in variants]
+
+    def gathered(statement: Any) -> tuple[list[tuple[Any, ...]], list[str]]:
+        with trace(world.engines) as t:
+            rows = world.run(shardlib.gather(world.engines, statement))
+        return [tuple(r) for r in rows], t.shards()
+
+    cold = []
+    for statement in statements:
+        routecache.clear()
+        cold.append(gathered(statement))
+    routecache.clear()
+    warm = [gathered(s) for s in statements] + [gathered(s) for s in statements]
+    assert routecache.stats()["hits"] >= len(statements)
+    for statement, answer, again, once_more in zip(statements, cold, warm, warm[len(statements):]):
+        assert answer[0] == [tuple(r) for r in oracle.rows(statement)]
+        assert again == answer and once_more == answer
