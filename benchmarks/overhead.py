@@ -138,24 +138,53 @@ def _spread(values: list[float]) -> str:
     return f"{quartile(0.25):.2f}-{quartile(0.75):.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
 
 
-async def main(rounds: int, add_all_rounds: int) -> None:
+async def measure(rounds: int, add_all_rounds: int, operations: int = GETS
+                  ) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """Per (workload, side): each round's (operations per wall second, per CPU second)."""
     sides: dict[str, Plain | Sharded] = {"unsharded": Plain(), "shardlib": Sharded(),
                                           "seed choosers": Sharded("upstream")}
     ids = {}
     for name, side in sides.items():
         await side.setup()
         ids[name] = await side.add_all()
-    rates: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (workload, side) -> per round
+    rates: dict[tuple[str, str], list[tuple[float, float]]] = {}
     names = list(sides)
     for round_ in range(add_all_rounds):  # one long operation: sides alternate round by round
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             wall, cpu = await add_all_once(sides[name])
             rates.setdefault(("add_all", name), []).append((LOCATIONS / wall, LOCATIONS / cpu))
-    for workload, count in (("get", GETS), ("filter", FILTERS)):
+    for workload in ("get", "filter"):
         await interleaved(sides, ids, workload, 20)  # warm-up: pools, caches
         for _ in range(rounds):
-            for name, rate in (await interleaved(sides, ids, workload, count)).items():
+            for name, rate in (await interleaved(sides, ids, workload, operations)).items():
                 rates.setdefault((workload, name), []).append(rate)
+    for side in sides.values():
+        await (shardlib.dispose(side.engines) if isinstance(side, Sharded) else side.engine.dispose())
+    return rates
+
+
+def ratios(rates: dict[tuple[str, str], list[tuple[float, float]]], which: int = 0
+           ) -> dict[tuple[str, str], list[float]]:
+    """Per (workload, side): each round's throughput / the unsharded side's in that round
+    (``which``: 0 by the clock, 1 by CPU time)."""
+    return {(workload, name): [m[which] / b[which] for m, b in zip(mine, rates[(workload, "unsharded")])]
+            for (workload, name), mine in rates.items()}
+
+
+async def measure_overhead(rounds: int = 5, add_all_rounds: int = 2, operations: int = 100
+                           ) -> dict[str, dict[str, float]]:
+    """A small run for notebooks: workload -> side -> median throughput ratio to unsharded."""
+    found = ratios(await measure(rounds, add_all_rounds, operations))
+    result: dict[str, dict[str, float]] = {}
+    for (workload, name), values in found.items():
+        if name != "unsharded":
+            result.setdefault(workload, {})[name] = statistics.median(values)
+    return result
+
+
+async def main(rounds: int, add_all_rounds: int) -> None:
+    rates = await measure(rounds, add_all_rounds)
+    wall, cpu = ratios(rates, 0), ratios(rates, 1)
     print("in-memory SQLite; ratio = side / unsharded within one round, median over rounds; "
           "spread = 25th-75th percentile (min-max)")
     print(f"get and filter: {rounds} rounds of {GETS} operations per side, sides alternating operation by "
@@ -165,19 +194,11 @@ async def main(rounds: int, add_all_rounds: int) -> None:
     print(f"{'workload':<55} {'side':<14} {'ops/s':>8} {'wall ratio':>10}  {'spread':<22}"
           f" {'cpu ratio':>9}  spread")
     for workload, label in WORKLOADS.items():
-        base = rates[(workload, "unsharded")]
-        for name in sides:
-            mine = rates[(workload, name)]
-            wall = [m[0] / b[0] for m, b in zip(mine, base)]
-            cpu = [m[1] / b[1] for m, b in zip(mine, base)]
-            print(f"{label:<55} {name:<14} {statistics.median(m[0] for m in mine):>8,.0f} "
-                  f"{statistics.median(wall):>10.2f}  {_spread(wall):<22} {statistics.median(cpu):>9.2f}  "
-                  f"{_spread(cpu)}")
-    for side in sides.values():
-        if isinstance(side, Sharded):
-            await shardlib.dispose(side.engines)
-        else:
-            await side.engine.dispose()
+        for name in ("unsharded", "shardlib", "seed choosers"):
+            key = (workload, name)
+            print(f"{label:<55} {name:<14} {statistics.median(m[0] for m in rates[key]):>8,.0f} "
+                  f"{statistics.median(wall[key]):>10.2f}  {_spread(wall[key]):<22} "
+                  f"{statistics.median(cpu[key]):>9.2f}  {_spread(cpu[key])}")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         return _in_place(orm_context, pinned)
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
-    loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
+    loader = statement.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
         problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
         if problem:

@@ -55,8 +55,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.util import LRUCache
-
 from . import shards as _shards
 from .analysis import is_exists_only, locality, shards_for
 
@@ -64,7 +62,7 @@ ENABLED = True
 """``False``: every statement is analysed afresh (what a cache miss does)."""
 
 CAPACITY = 2000
-"""Entries per cache (least recently used ones go first)."""
+"""Entries per cache; a full cache is emptied and fills again."""
 
 _PLAIN = (str, int, float, bool, type(None), bytes, decimal.Decimal, datetime.date, datetime.datetime,
           datetime.time, datetime.timedelta, uuid.UUID)
@@ -93,10 +91,12 @@ def _freeze_params(params: Any) -> Any:
 
 
 class _Caches:
+    """Three bounded dicts (emptied when full: simpler and cheaper per hit than an LRU)."""
+
     def __init__(self) -> None:
-        self.facts: LRUCache[Any, tuple[str | None, bool, bool]] = LRUCache(CAPACITY)
-        self.routes: LRUCache[Any, tuple[str, ...]] = LRUCache(CAPACITY)
-        self.plans: LRUCache[Any, Any] = LRUCache(CAPACITY)
+        self.facts: dict[Any, tuple[str | None, bool, bool]] = {}
+        self.routes: dict[Any, tuple[str, ...]] = {}
+        self.plans: dict[Any, Any] = {}
         self.shard_map: Any = None
         self.hits = 0
         self.misses = 0
@@ -104,7 +104,7 @@ class _Caches:
 
     def current(self) -> _Caches:
         """Forget everything if the shard map is not the one the answers were made with."""
-        current = getattr(_shards, "current", None)  # the versioned map (issue #13), if present
+        current = _shards.__dict__.get("current")  # the versioned map (issue #13), if present
         shard_map = current() if current is not None else _shards.SHARD_FOR_CONTINENT
         if shard_map is not self.shard_map:
             self.facts.clear()
@@ -113,31 +113,63 @@ class _Caches:
             self.shard_map = shard_map
         return self
 
+    def remember(self, cache: dict[Any, Any], key: Any, value: Any) -> Any:
+        self.misses += 1
+        if len(cache) >= CAPACITY:
+            cache.clear()
+        cache[key] = value
+        return value
+
 
 _caches = _Caches()
 
 
-def _structure(statement: Any) -> Any:
+class _Structure:
+    """A statement's cache key (its structure), hashed once: the key is a deep tuple,
+    and both caches look it up for the same statement."""
+
+    __slots__ = ("key", "hash", "bindparams")
+
+    def __init__(self, cache_key: Any) -> None:
+        self.key = cache_key.key
+        self.hash = hash(self.key)
+        self.bindparams = cache_key.bindparams
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Structure) and self.hash == other.hash and self.key == other.key
+
+
+_last: tuple[Any, _Structure | None] = (None, None)  # the last statement looked at, its _Structure
+
+
+def _structure(statement: Any) -> _Structure | None:
+    global _last
+    last = _last  # one tuple, replaced whole: threads never see a statement with another's key
+    if statement is last[0]:  # execute() asks for the facts, the chooser for the shards: one hash
+        return last[1]
     try:
-        cache_key = statement._generate_cache_key()
+        cache_key = statement._generate_cache_key()  # memoized by SQLAlchemy; its compile uses it too
     except (AttributeError, NotImplementedError):
         return None
-    return cache_key
+    structure = _Structure(cache_key) if cache_key is not None else None
+    _last = (statement, structure)
+    return structure
 
 
 def facts(statement: Any) -> tuple[str | None, bool, bool]:
     """``(locality problem or None, reads a sharded table?, select(exists(...)) only?)``."""
-    cache_key = _structure(statement) if ENABLED else None
-    if cache_key is None:
+    structure = _structure(statement) if ENABLED else None
+    if structure is None:
         _caches.uncached += 1
         return (*locality(statement), is_exists_only(statement))
     caches = _caches.current()
-    found = caches.facts.get(cache_key.key)
+    found = caches.facts.get(structure)
     if found is None:
-        caches.misses += 1
-        found = caches.facts[cache_key.key] = (*locality(statement), is_exists_only(statement))
-    else:
-        caches.hits += 1
+        return caches.remember(caches.facts, structure, (*locality(statement), is_exists_only(statement)))
+    caches.hits += 1
     return found
 
 
@@ -146,16 +178,16 @@ def route_key(statement: Any, params: Any) -> Any:
 
     Structure, every bound value with its type, and the execute-time parameters.
     """
-    cache_key = _structure(statement)
-    if cache_key is None:
+    structure = _structure(statement)
+    if structure is None:
         return None
     try:
         values = []
-        for bind in cache_key.bindparams:
+        for bind in structure.bindparams:
             if bind.callable is not None:  # computed at each run: may differ next time
                 return None
             values.append(_freeze(bind.value))
-        return (cache_key.key, tuple(values), _freeze_params(params))
+        return (structure, tuple(values), _freeze_params(params))
     except _Unkeyable:
         return None
 
@@ -169,8 +201,7 @@ def shards(statement: Any, params: Any = None) -> list[str]:
     caches = _caches.current()
     found = caches.routes.get(key)
     if found is None:
-        caches.misses += 1
-        found = caches.routes[key] = tuple(shards_for(statement, params))
+        found = caches.remember(caches.routes, key, tuple(shards_for(statement, params)))
     else:
         caches.hits += 1
     return list(found)
@@ -188,10 +219,8 @@ def plan(statement: Any, dialect: Any, make_plan: Any) -> Any:
     caches = _caches.current()
     found = caches.plans.get(key)
     if found is None:
-        caches.misses += 1
-        found = caches.plans[key] = make_plan(statement, dialect)
-    else:
-        caches.hits += 1
+        return caches.remember(caches.plans, key, make_plan(statement, dialect))
+    caches.hits += 1
     return found
 
 
@@ -203,8 +232,9 @@ def stats() -> dict[str, int]:
 
 def clear() -> None:
     """Forget every remembered decision and reset the counters."""
-    global _caches
+    global _caches, _last
     _caches = _Caches()
+    _last = (None, None)
 
 
 __all__ = ["CAPACITY", "ENABLED", "clear", "facts", "plan", "route_key", "shards", "stats"]
