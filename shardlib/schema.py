@@ -43,7 +43,10 @@ CHECK_KEY = "shardlib.check_schema"
 _SHARDLIB_SESSION = "shardlib.allocator"  # in the info of every session make_sessionmaker makes
 
 _seen: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
-_verified: list[Any] = [None]  # the last set of engines check() passed without reading anything
+_verified: dict[tuple[tuple[str, int], ...], tuple[Any, ...]] = {}
+"""Sets of engines check() passed without reading anything: (shard, id(engine)) pairs -> weak
+references to those engines (an id is only trusted while its engine is alive). Emptied whenever
+what was seen changes."""
 
 
 class SchemaDriftError(RuntimeError):
@@ -79,14 +82,14 @@ def _sync(engine: AsyncEngine | Engine) -> Engine:
 def remember(engine: AsyncEngine | Engine, revisions: Iterable[str]) -> None:
     """Record the revisions a shard is known to have (called after migrating it)."""
     _seen[_sync(engine)] = tuple(sorted(revisions))
-    _verified[0] = None
+    _verified.clear()
 
 
 def forget(engines: Iterable[AsyncEngine | Engine]) -> None:
     """Forget what was seen, so the next session reads ``alembic_version`` again."""
     for engine in engines:
         _seen.pop(_sync(engine), None)
-    _verified[0] = None
+    _verified.clear()
 
 
 def read_revisions(connection: Connection) -> tuple[str, ...]:
@@ -111,16 +114,18 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
     ``connection``, if given, is already open on one of the shards and is
     used for that shard instead of a new connection.
     """
-    verified = _verified[0]  # every session of a sessionmaker asks about the same engines
-    if verified is not None and len(verified) == len(shards) and all(
-            ref() is not None and shards.get(shard) is ref() for shard, ref in verified):
+    key = tuple((shard, id(engine)) for shard, engine in shards.items())
+    verified = _verified.get(key)  # every session of a sessionmaker asks about the same engines
+    if verified is not None and all(ref() is engine for ref, engine in zip(verified, shards.values())):
         return
     from .migrations import schema_head
 
     expected = schema_head()
     known = {shard: _seen.get(engine) for shard, engine in shards.items()}
     if all(revs is not None for revs in known.values()) and not problems(known):  # type: ignore[arg-type]
-        _verified[0] = tuple((shard, weakref.ref(engine)) for shard, engine in shards.items())
+        if len(_verified) > 64:
+            _verified.clear()
+        _verified[key] = tuple(weakref.ref(engine) for engine in shards.values())
         return
     from .outages import ShardUnavailable
 
@@ -137,7 +142,7 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
                 # (shardlib.outages); it is checked when it answers again
                 continue
         _seen[engine] = found[shard]
-    _verified[0] = None
+    _verified.clear()
     if problems(found):
         raise SchemaDriftError(expected, found)
 
