@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, inspect, select
 
 import shardlib
 from shardlib import SHARD_IDS, WeatherLocation, routecache, routing, trace
@@ -250,3 +250,31 @@ def test_a_remembered_gather_plan_answers_as_a_fresh_one(both, clause, shape, da
     for statement, answer, again, once_more in zip(statements, cold, warm, warm[len(statements):]):
         assert answer[0] == [tuple(r) for r in oracle.rows(statement)]
         assert again == answer and once_more == answer
+
+
+def test_a_one_shard_statement_runs_once_and_its_objects_know_their_shard(both) -> None:
+    """A one-shard statement runs once, in place (shardlib.execution._in_place): one SQL
+    statement on the one shard, and the objects it loads carry that shard's identity token,
+    so ``get()`` finds them in the identity map and their UPDATE goes home."""
+    world, _ = both
+
+    async def go() -> None:
+        async with world.Session() as session:
+            for statement, kw, shard in (
+                    (select(WL).where(WL.continent == "Europe").order_by(WL.id), {}, "europe"),
+                    (select(WL).where(WL.city == "Tokyo"), {"bind_arguments": {"shard_id": "asia"}}, "asia")):
+                with trace(world.engines) as t:
+                    loaded = (await session.execute(statement, **kw)).scalars().all()
+                assert len(t.records) == 1 and t.shards() == [shard]
+                assert loaded and all(inspect(obj).identity_token == shard for obj in loaded)
+                with trace(world.engines) as t:
+                    assert all([await session.get(WL, obj.id) is obj for obj in loaded])
+                assert t.records == []  # from the identity map: no SQL
+            europe = (await session.execute(select(WL).where(WL.continent == "Europe").order_by(WL.id))).scalars().first()
+            europe.city = europe.city + " (renamed)"
+            with trace(world.engines) as t:
+                await session.flush()
+            assert t.shards() == ["europe"]
+            await session.rollback()
+
+    world.run(go())
