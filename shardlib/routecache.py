@@ -35,10 +35,13 @@ routed afresh every time, when
 
 * SQLAlchemy cannot key it (``_generate_cache_key()`` is ``None``);
 * a bound value is computed when it runs (``bindparam(callable_=...)``);
-* a value is not one of the plain types below (a custom object could change
-  between two runs without changing its hash);
-* the shard map changed since the answer was remembered (both caches start
-  empty again: ``shards.current()`` is a new map).
+* a value is not plain data (``str``, ``int``, ``float``, ``bool``, ``None``,
+  ``bytes``, ``Decimal``, dates and times, ``UUID``, or lists and tuples of
+  them: a custom object could change between two runs without changing its
+  hash), or is a list longer than :data:`MAX_LIST`.
+
+And every cache starts empty again when the shard map changes
+(``shards.current()`` is a new map).
 
 A cache hit therefore routes exactly as a miss would;
 ``tests/test_routing_cache.py`` checks it with the generative oracle (every
@@ -64,6 +67,10 @@ ENABLED = True
 CAPACITY = 2000
 """Entries per cache; a full cache is emptied and fills again."""
 
+MAX_LIST = 256
+"""Longer IN lists (and executemany parameter lists) are routed afresh, not remembered:
+a key as big as the statement's data would cost more to build and keep than it saves."""
+
 _PLAIN = (str, int, float, bool, type(None), bytes, decimal.Decimal, datetime.date, datetime.datetime,
           datetime.time, datetime.timedelta, uuid.UUID)
 
@@ -77,7 +84,7 @@ def _freeze(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return (kind, value)
-    if kind in (list, tuple):
+    if kind in (list, tuple) and len(value) <= MAX_LIST:
         return (kind, tuple(_freeze(v) for v in value))
     raise _Unkeyable
 
@@ -87,6 +94,8 @@ def _freeze_params(params: Any) -> Any:
         return ()
     if isinstance(params, Mapping):
         return tuple(sorted((str(k), _freeze(v)) for k, v in params.items()))
+    if len(params) > MAX_LIST:
+        raise _Unkeyable
     return tuple(_freeze_params(p) for p in params)  # executemany: one entry per parameter set
 
 
@@ -237,4 +246,4 @@ def clear() -> None:
     _last = (None, None)
 
 
-__all__ = ["CAPACITY", "ENABLED", "clear", "facts", "plan", "route_key", "shards", "stats"]
+__all__ = ["CAPACITY", "ENABLED", "MAX_LIST", "clear", "facts", "plan", "route_key", "shards", "stats"]

@@ -278,3 +278,17 @@ def test_a_one_shard_statement_runs_once_and_its_objects_know_their_shard(both) 
             await session.rollback()
 
     world.run(go())
+
+
+def test_long_in_lists_are_routed_afresh(both) -> None:
+    """Keys stay small: an IN list longer than MAX_LIST is not remembered, and still routes
+    as the analysis says."""
+    world, oracle = both
+    ids = sorted(r[0] for r in oracle.rows(select(WL.id)))
+    asia = [i for i in ids if shardlib.shard_for_id(i) == "asia"]
+    padded = asia + [16 * k + 1 for k in range(10_000, 10_000 + routecache.MAX_LIST)]  # asia ids nobody has
+    statement = select(WL.id).where(WL.id.in_(padded))
+    before = routecache.stats()
+    rows, ran_on = run(world, statement)
+    assert sorted(r[0] for r in rows) == asia and ran_on == ["asia"]
+    assert routecache.stats()["routes"] == before["routes"] and routecache.stats()["uncached"] > before["uncached"]
