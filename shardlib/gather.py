@@ -1343,6 +1343,9 @@ async def _cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
             interrupted = True
+    for task in tasks:  # a shard cancelled mid-statement may end with its own error (ShardUnavailable):
+        if not task.cancelled():  # expected here, so mark it seen ("Task exception was never retrieved")
+            task.exception()
     if interrupted:
         raise asyncio.CancelledError
 
