@@ -10,7 +10,11 @@ summarises or de-duplicates it is a plausible wrong answer::
     select(exists().where(WeatherLocation.continent == "Asia"))  # north_america answers first: False
 
 :func:`execute` replaces ShardedSession's ``do_orm_execute`` hook. It keeps its
-routing (pinned shard, else ``execute_chooser``) and adds three things:
+routing (pinned shard, else ``execute_chooser``, whose answers
+:mod:`shardlib.routecache` remembers), runs a statement that reaches one shard
+**once, in place** (the hook names the shard and ``Session.execute`` carries
+on; ``ShardedSession`` would run it again through the session), and adds
+three things:
 
 1. **Write guards on every path**, pinned or not (:mod:`shardlib.guards`):
    a Core/ORM ``insert()`` is split row by row onto the shards the rows belong
