@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Throwaway local PostgreSQL servers for shardlab, loopback only: one server per
 # shard (its own data directory, port and process), plus a fifth server,
-# "coordinator", holding the unsharded "oracle" database the tests compare with.
+# "coordinator", holding the unsharded "oracle" database the tests compare with
+# two empty databases (spare_1, spare_2) a continent can be moved to, and the
+# shard map's catalog (shardlab_catalog), on a server no shard outage takes down.
 #
 #   scripts/pg.sh up            # initdb (first time), start all five, create databases, print exports
 #   scripts/pg.sh env           # print the exports again
@@ -28,6 +30,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PGLINK="$ROOT/.pg"
 SHARDS="north_america asia europe south_america"
 SERVERS="$SHARDS coordinator"
+SPARES="spare_1 spare_2"
 ORACLE_DB="shardlab_unsharded"
 USER_NAME="shardlab"
 
@@ -75,6 +78,13 @@ print_env() {
     done
     echo "export SHARDLIB_URLS=\"$urls\""
     echo "export SHARDLIB_ORACLE_URL=\"postgresql+asyncpg://$USER_NAME@127.0.0.1:$(port_of coordinator)/$ORACLE_DB\""
+    urls="" sep=""
+    for s in $SPARES; do
+        urls="$urls${sep}$s=postgresql+asyncpg://$USER_NAME@127.0.0.1:$(port_of coordinator)/shardlab_$s"
+        sep=","
+    done
+    echo "export SHARDLIB_SPARE_URLS=\"$urls\""
+    echo "export SHARDLIB_CATALOG_URL=\"postgresql+asyncpg://$USER_NAME@127.0.0.1:$(port_of coordinator)/shardlab_catalog\""
 }
 
 free_port() {
@@ -99,6 +109,9 @@ start_one() {
              -c fsync=on -c synchronous_commit=on -c full_page_writes=on" >/dev/null
     fi
     "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$USER_NAME" "$(database_of "$name")" 2>/dev/null || true
+    if [ "$name" = coordinator ]; then  # empty databases a continent can be moved to (notebook 14)
+        for s in $SPARES catalog; do "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$USER_NAME" "shardlab_$s" 2>/dev/null || true; done
+    fi
 }
 
 up() {

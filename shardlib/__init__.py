@@ -19,8 +19,11 @@ Quick tour::
 
     await shardlib.show_shards(engines, "weather_locations")
 
-Modules, one job each: :mod:`~shardlib.shards` (the shard map and id
-layout), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
+Modules, one job each: :mod:`~shardlib.shards` (the shard map as data, with
+a version, and the id layout), :mod:`~shardlib.catalog` (where the map is
+stored), :mod:`~shardlib.resharding` (moving a continent while it is written),
+:mod:`~shardlib.movelab` (writers that prove a move loses nothing),
+:mod:`~shardlib.cities` (real GeoNames cities), :mod:`~shardlib.models`, :mod:`~shardlib.routing` (the choosers),
 :mod:`~shardlib.ids` (global ids), :mod:`~shardlib.engines`,
 :mod:`~shardlib.session`, :mod:`~shardlib.migrations` (Alembic on every
 shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
@@ -50,12 +53,17 @@ from .models import Base, Report, WeatherLocation, id_counter
 from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
+from .catalog import Catalog, StaleMapError
+from .engines import ShardEngines
+from .resharding import ContinentMove, ContinentMoved, MoveError, VDiffMismatch, add_continent, move_continent
 from .shards import (
     CONTINENTS,
     COUNTER_SHARD,
     SHARD_BITS,
     SHARD_FOR_CONTINENT,
     SHARD_IDS,
+    DEFAULT_MAP,
+    ShardMap,
     make_id,
     shard_for_continent,
     shard_for_id,
@@ -86,4 +94,6 @@ __all__ = [
     "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
     "trace", "wrapped",
 ]
+__all__ += ["Catalog", "ContinentMove", "ContinentMoved", "DEFAULT_MAP", "MoveError", "ShardEngines", "ShardMap",
+            "StaleMapError", "VDiffMismatch", "add_continent", "move_continent"]  # the shard map as data
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

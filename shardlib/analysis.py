@@ -79,7 +79,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.selectable import Alias, CompoundSelect, TableClause
 
 from .models import SHARD_KEY_COLUMNS
-from .shards import SHARD_IDS, continents_on, shard_for_id
+from .shards import SERVING_SHARD_IDS, continents_on, shard_for_id
 
 MAX_SPLITS = 2000
 """Branching budget per shard (step 4 above); past it the shard is kept."""
@@ -474,7 +474,7 @@ def _shard_atoms_first(node: Node) -> Node:
 
 def shards_for_tree(tree: Node) -> list[str]:
     tree = presolve(tree)
-    return [s for s in SHARD_IDS if can_be_true(on_shard(tree, s))]
+    return [s for s in SERVING_SHARD_IDS if can_be_true(on_shard(tree, s))]
 
 
 def _condition(column: str, values: Any) -> str:
@@ -532,11 +532,11 @@ def explain(statement: Any, params: Mapping[str, Any] | None = None) -> list[dic
     clauses = where_clauses(statement)
     if clauses is None:
         return [{"shard": s, "clause on this shard": "(no WHERE clause we can read)", "visit": "yes"}
-                for s in SHARD_IDS]
+                for s in SERVING_SHARD_IDS]
     bound = Params(params, statement)
     trees = [to_tree(clause, bound) for clause in clauses]
     rows = []
-    for shard in SHARD_IDS:
+    for shard in SERVING_SHARD_IDS:
         rows.append({
             "shard": shard,
             "clause on this shard": " | ".join(describe(_shown_on_shard(t, shard)) for t in trees),
@@ -567,7 +567,7 @@ def shards_for(
     """
     clauses = where_clauses(statement)
     if clauses is None:
-        return list(SHARD_IDS)
+        return list(SERVING_SHARD_IDS)
     param_sets: Sequence[Mapping[str, Any] | None]
     if params is None or isinstance(params, Mapping):
         param_sets = [params]
@@ -578,10 +578,10 @@ def shards_for(
         bound = Params(param_set, statement, dialect) if param_set else None
         for clause in clauses:
             tree = presolve(_tree(clause, bound))
-            for shard in SHARD_IDS:
+            for shard in SERVING_SHARD_IDS:
                 if shard not in needed and can_be_true(on_shard(tree, shard)):
                     needed.add(shard)
-    return [s for s in SHARD_IDS if s in needed]
+    return [s for s in SERVING_SHARD_IDS if s in needed]
 
 
 # --------------------------------------------------------------------------

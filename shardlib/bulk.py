@@ -210,11 +210,11 @@ async def _bulk_insert(engines: Mapping[str, AsyncEngine], model: Any, rows: Ite
         columns = LOCATION_COLUMNS
         async with engines[COUNTER_SHARD].begin() as conn:
             number = await conn.run_sync(advance_counter, total)
-        step = 1 << SHARD_BITS  # consecutive sequence numbers on one shard
-        for shard in SHARD_IDS:
+        step = 1 << SHARD_BITS  # consecutive sequence numbers: ids 16 apart, same logical shard
+        for shard in SHARD_IDS:  # ids name each row's continent (its logical shard)
             groups, rows_ = routed[shard], []
             for continent, cities in groups:  # tuples made by zip (in C): (id, continent, city)
-                first_id = make_id(number, shard)
+                first_id = make_id(number, continent)
                 rows_.extend(zip(range(first_id, first_id + len(cities) * step, step), repeat(continent), cities))
                 number += len(cities)
             routed[shard] = rows_

@@ -174,6 +174,14 @@ def is_retryable(exc: BaseException) -> bool:
 
 def describe(shard: str, exc: DBAPIError, wait_s: float | None) -> ShardConflict | None:
     """The :class:`ShardConflict` for a driver error on ``shard``, or ``None``."""
+    from .resharding import fence_error  # a continent that moved away (shardlib.resharding)
+
+    moved = fence_error(shard, exc)
+    if moved is not None:
+        from .catalog import mark_all_stale
+
+        mark_all_stale()  # the retry reads the catalog's newest map
+        return moved
     state = sqlstate_of(exc)
     sqlite_code = sqlite_code_of(exc)
     waited = f"{wait_s:g} s" if wait_s is not None else "the configured time"

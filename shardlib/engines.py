@@ -42,13 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .conflicts import install_error_names
 from .ids import forget_allocations
 from .outages import name_outages
 from .retry import watch_commits
-from .shards import COUNTER_SHARD, SHARD_IDS
+from .catalog import Catalog, load_blocking
+from .shards import COUNTER_SHARD, SHARD_IDS, ShardMap
+from .shards import current as current_map
 
 SQLITE_BUSY_TIMEOUT_S = 30
 """Default seconds a SQLite statement waits for a file lock (the busy timeout)."""
@@ -58,9 +61,10 @@ PG_LOCK_TIMEOUT_S = 10
 
 
 def check_engines(mapping: Mapping[str, Any]) -> None:
-    """``ValueError`` unless ``mapping`` names exactly the shards in ``SHARD_IDS``."""
+    """``ValueError`` unless ``mapping`` names exactly the shards in ``SHARD_IDS``
+    (:class:`ShardEngines` may also hold databases an older map named)."""
     missing = [s for s in SHARD_IDS if s not in mapping]
-    unknown = sorted(str(k) for k in mapping if k not in SHARD_IDS)
+    unknown = [] if isinstance(mapping, ShardEngines) else sorted(str(k) for k in mapping if k not in SHARD_IDS)
     if missing or unknown:
         problems = []
         if missing:
@@ -137,34 +141,116 @@ def make_engine(url: str, *, shard: str | None = None, lock_timeout: float | Non
     return engine
 
 
+class ShardEngines(dict[str, AsyncEngine]):
+    """``make_engines()``'s result: ``{database: AsyncEngine}`` for every database
+    in the current shard map, plus the :attr:`catalog` the map is stored in.
+
+    When a session finds a newer map in the catalog (:meth:`refresh`), a
+    database it names for the first time gets its engine here, and every
+    session made by :func:`shardlib.make_sessionmaker` over these engines can
+    use it (:attr:`sync_shards` is the live dict the sessions are given).
+    """
+
+    def __init__(self, engines: Mapping[str, AsyncEngine], *, catalog: Catalog | None,
+                 factory: Any) -> None:
+        super().__init__(engines)
+        self.catalog = catalog
+        self._factory = factory
+        self.sync_shards: dict[str, Any] = {name: e.sync_engine for name, e in engines.items()}
+        self.data_dir: Path | None = None
+
+    def ensure(self, shard_map: ShardMap) -> list[str]:
+        """Make engines for databases of ``shard_map`` that have none yet; return their names."""
+        added = []
+        for name, url in shard_map.databases.items():
+            if name not in self:
+                engine = self._factory(name, url)
+                self[name] = engine
+                self.sync_shards[name] = engine.sync_engine
+                added.append(name)
+        return added
+
+    def refresh(self) -> ShardMap:
+        """Activate the catalog's current map if it changed (cheap otherwise; see
+        :mod:`shardlib.catalog`) and make engines for new databases."""
+        if self.catalog is None:
+            return current_map()
+        shard_map = self.catalog.refresh()
+        if len(shard_map.databases) != len(self.sync_shards) or any(
+                name not in self for name in shard_map.databases):
+            self.ensure(shard_map)
+        return shard_map
+
+
 def make_engines(
     urls: Mapping[str, str] | None = None,
     *,
     data_dir: str | os.PathLike[str] | None = None,
     lock_timeout: float | None = None,
+    catalog_url: str | None = None,
     **engine_kw: Any,
-) -> dict[str, AsyncEngine]:
-    """One ``AsyncEngine`` per shard id.
+) -> ShardEngines:
+    """One ``AsyncEngine`` per database of the shard map, which is read from the catalog.
 
-    ``urls`` (or ``$SHARDLIB_URLS``) picks real servers; otherwise each shard is
-    a SQLite file ``<data_dir>/<shard_id>.db``, ``data_dir`` defaulting to
+    ``urls`` (or ``$SHARDLIB_URLS``) picks real servers; otherwise each database
+    is a SQLite file ``<data_dir>/<database>.db``, ``data_dir`` defaulting to
     ``$SHARDLIB_DATA_DIR`` or ``shard_data`` under the working directory.
+    The catalog (:mod:`shardlib.catalog`) is ``<data_dir>/catalog.db`` with SQLite;
+    with servers ``catalog_url``, ``$SHARDLIB_CATALOG_URL`` or the counter's
+    database. A database the map names but ``urls`` does not (one added by a
+    move) is opened at the URL the map stores for it.
     ``lock_timeout``: seconds a statement may wait for a lock (module docstring).
     """
     if urls is None and os.environ.get("SHARDLIB_URLS", "").strip():
         urls = parse_urls(os.environ["SHARDLIB_URLS"])
+    directory: Path | None = None
     if urls is None:
         directory = Path(data_dir or os.environ.get("SHARDLIB_DATA_DIR") or "shard_data")
         directory.mkdir(parents=True, exist_ok=True)
-        urls = {s: f"sqlite+aiosqlite:///{directory / f'{s}.db'}" for s in SHARD_IDS}
-    check_engines(urls)
-    engines = {
-        shard: make_engine(urls[shard], shard=shard, lock_timeout=lock_timeout,
-                           **{**engine_kw, "connect_args": dict(engine_kw.get("connect_args", {}))})
-        for shard in SHARD_IDS
-    }
-    for shard, engine in engines.items():
-        name_outages(engine, shard)  # a shard that is down fails fast, named (shardlib.outages)
+        catalog = Catalog(catalog_url) if catalog_url else Catalog.for_sqlite_dir(directory)
+    else:
+        urls = dict(urls)
+        catalog_url = catalog_url or os.environ.get("SHARDLIB_CATALOG_URL", "").strip() or None
+        counter_url = urls.get(COUNTER_SHARD, "")
+        if catalog_url is None and counter_url.startswith("sqlite"):
+            database = counter_url.split("///", 1)[1] if "///" in counter_url else ""
+            if database and database != ":memory:":  # a file: the catalog goes beside it
+                catalog_url = f"sqlite:///{Path(database).parent / 'catalog.db'}"
+        elif catalog_url is None and counter_url:
+            catalog_url = counter_url  # a server: beside the id counter
+        catalog = Catalog(catalog_url) if catalog_url else None  # in-memory: the map stays in code
+    try:
+        shard_map = load_blocking(catalog) if catalog is not None else current_map()
+    except (OSError, DBAPIError) as error:
+        raise RuntimeError(
+            f"cannot read the shard map from its catalog at {catalog.url if catalog else None!r}: "
+            f"{error!r}. Without it this process cannot know which database stores each continent; "
+            f"start the catalog's server, or point SHARDLIB_CATALOG_URL at it") from error
+
+    def url_for(name: str, stored: str | None, shard_map: ShardMap = shard_map) -> str:
+        if urls is not None and name in urls:
+            return urls[name]
+        if stored:
+            return stored
+        if directory is not None:
+            return f"sqlite+aiosqlite:///{directory / f'{name}.db'}"
+        raise ValueError(f"the shard map (version {shard_map.version}) names database {name!r}, "
+                         f"which has no URL in the map or in SHARDLIB_URLS; add {name}=<url>")
+
+    def factory(name: str, stored: str | None) -> AsyncEngine:
+        engine = make_engine(url_for(name, stored), shard=name, lock_timeout=lock_timeout,
+                             **{**engine_kw, "connect_args": dict(engine_kw.get("connect_args", {}))})
+        name_outages(engine, name)  # a shard that is down fails fast, named (shardlib.outages)
+        return engine
+
+    if urls is not None:
+        unknown = [k for k in urls if k not in shard_map.databases]
+        missing = [d for d, stored in shard_map.databases.items() if d not in urls and not stored]
+        if unknown or missing:
+            check_engines({k: v for k, v in urls.items() if k not in missing})  # names them all
+    engines = ShardEngines({}, catalog=catalog, factory=factory)
+    engines.data_dir = directory  # SQLite files live here; None with servers
+    engines.ensure(shard_map)
     return engines
 
 
@@ -179,8 +265,11 @@ async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: in
     """
     from .migrations import rebuild  # migrations imports this module
 
+    catalog = getattr(engines, "catalog", None)
+    if catalog is not None:  # back to the default map, before the shards are rebuilt for it
+        await catalog.reset()
     check_engines(engines)
-    for shard in SHARD_IDS:
+    for shard in SHARD_IDS:  # a database only an older map named is emptied when it is added again
         await rebuild(engines[shard], shard, first_sequence_number=first_sequence_number)
     forget_allocations(engines[COUNTER_SHARD].sync_engine)
 
@@ -202,5 +291,8 @@ def refuse_in_doubt_transactions(conn: Connection, shard: str) -> None:
 
 async def dispose(engines: Mapping[str, AsyncEngine]) -> None:
     """Close every engine's connections (end of a notebook or test)."""
-    for engine in engines.values():
+    for engine in list(engines.values()):
         await engine.dispose()
+    catalog = getattr(engines, "catalog", None)
+    if catalog is not None:
+        await catalog.dispose()

@@ -77,9 +77,11 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
 from . import guards, routecache
+from .catalog import ENGINES_KEY as _ENGINES
+from .catalog import refresh_map
 from .analysis import canonical, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
-from .shards import SHARD_IDS
+from .shards import SERVING_SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
 """Execution option: ``True`` restores ShardedSession's plain concatenation."""
@@ -163,6 +165,8 @@ def _concatenate(results: list[Result[Any]]) -> Result[Any]:
 def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute`` for shardlib sessions (see the module docstring)."""
     session = orm_context.session
+    if _ENGINES in session.info:
+        refresh_map(session)  # route by the catalog's current map (shardlib.catalog)
     statement = orm_context.statement
     params = orm_context.parameters
     pinned = pinned_shard(orm_context)
@@ -180,7 +184,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         if problem:
             raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
         if not reads_sharded:
-            return _in_place(orm_context, SHARD_IDS[0])  # select(literal(1)): one answer, not four
+            return _in_place(orm_context, SERVING_SHARD_IDS[0])  # select(literal(1)): one answer, not four
         if exists_only:
             return _exists(orm_context, statement, params)
 
@@ -188,7 +192,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     if orm_context.is_update:
         guards.check_update(statement, params, shards)
     if not shards:
-        shards = [SHARD_IDS[0]]
+        shards = [SERVING_SHARD_IDS[0]]
     if len(shards) == 1:
         return _in_place(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:
@@ -209,7 +213,7 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         if pinned is None:
             raise ValueError(
                 f"INSERT into {table!r} through a sharded session names no shard; pass "
-                f"bind_arguments={{'shard_id': ...}} with one of {', '.join(map(repr, SHARD_IDS))}"
+                f"bind_arguments={{'shard_id': ...}} with one of {', '.join(map(repr, SERVING_SHARD_IDS))}"
             )
         return _on(orm_context, pinned)
     from .session import allocate_ids, reserve_ids
@@ -242,7 +246,7 @@ def _exists(orm_context: ORMExecuteState, statement: Select[Any], params: Any) -
     needed: set[str] = set()
     for element in inner:
         needed.update(shards_for(element, params if isinstance(params, Mapping) else None))
-    shards = [s for s in SHARD_IDS if s in needed] or [SHARD_IDS[0]]
+    shards = [s for s in SERVING_SHARD_IDS if s in needed] or [SERVING_SHARD_IDS[0]]
     frozen = [_on(orm_context, s).freeze() for s in shards]
     rows = _rows(frozen)
     merged = tuple(any(bool(row[i]) for row in rows) for i in range(len(rows[0]))) if rows else ()

@@ -162,7 +162,7 @@ from sqlalchemy.sql.selectable import (
 
 from . import routecache
 from .routing import shards_for
-from .shards import SHARD_IDS
+from .shards import SERVING_SHARD_IDS
 
 __all__ = [
     "AGGREGATES", "PER_ROW_FUNCTIONS", "GatherPlan", "GatherRefused", "ShardFailed", "gather", "plan",
@@ -940,11 +940,11 @@ class GatherPlan:
     def shards(self, params: Mapping[str, Any] | None = None) -> list[str]:
         """The shards that must run ``shard_statement`` (never empty: an empty answer still needs one)."""
         if self.kind == "one_shard":
-            return [SHARD_IDS[0]]
+            return [SERVING_SHARD_IDS[0]]
         needed: set[str] = set()
         for statement in self.routing_statements:
             needed.update(routecache.shards(statement, params))  # shards_for, remembered
-        return [s for s in SHARD_IDS if s in needed] or [SHARD_IDS[0]]
+        return [s for s in SERVING_SHARD_IDS if s in needed] or [SERVING_SHARD_IDS[0]]
 
     def merge(self, per_shard_rows: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[Any, ...]]:
         """Combine the rows each shard returned for ``shard_statement`` (one list per shard)."""

@@ -104,6 +104,7 @@ def check_update(statement: Any, params: Any, shards: Sequence[str]) -> None:
         changes = set_clause(statement, param_set)
         if table == LOCATIONS and "continent" in changes:
             _check_new_home(changes["continent"], shard_for_continent, "continent", shards)
+            _check_same_logical_shard(changes["continent"], shards)
         if table == LOCATIONS and "id" in changes:
             raise ValueError(
                 f"bulk UPDATE would change weather_locations.id to {changes['id']!r} on "
@@ -135,6 +136,20 @@ def _check_new_home(value: Any, home_of: Any, column: str, shards: Sequence[str]
             f"bulk UPDATE would set {column}={value!r} on rows stored on {_quoted(wrong)}, "
             f"but {value!r} belongs on {target!r}; narrow the WHERE clause to {target!r} "
             f"or move rows with shardlib.move_location()"
+        )
+
+
+def _check_same_logical_shard(continent: Any, shards: Sequence[str]) -> None:
+    """Ids name a continent's logical shard: on a database that also stores other
+    continents, SET continent could give rows a continent their ids do not name."""
+    from .shards import continents_on
+
+    others = sorted({c for s in shards for c in continents_on(s)} - {continent})
+    if others:
+        raise ValueError(
+            f"bulk UPDATE would set continent={continent!r} on {_quoted(shards)}, which also "
+            f"stores {_quoted(others)}: those rows' ids name another logical shard, so their "
+            f"continent cannot change in place; use shardlib.move_location() per location"
         )
 
 
@@ -189,11 +204,18 @@ def insert_rows(statement: Any, params: Any) -> tuple[list[dict[str, Any]], dict
 
 
 def check_explicit_id(what: str, location_id: Any, continent: str, shard: str) -> None:
-    """An explicit location id must name the shard its continent is stored on."""
-    if shard_for_id(location_id) != shard:
+    """An explicit location id must name its continent's logical shard (which
+    ``shard``, a database, holds today)."""
+    from .shards import current, slot_for_continent, slot_of_id
+
+    named = shard_for_id(location_id)
+    if named is None or slot_of_id(location_id) != slot_for_continent(continent):
+        owner = current().continent_for_slot(slot_of_id(location_id)) if isinstance(location_id, int) and not isinstance(location_id, bool) else None
         raise ValueError(
-            f"{what}: id {location_id!r} names shard {shard_for_id(location_id)!r}, but continent "
-            f"{continent!r} is stored on {shard!r}; leave the id unset and shardlib will allocate one"
+            f"{what}: id {location_id!r} names shard {named!r}"
+            + (f" (logical shard of {owner!r})" if owner is not None and owner != continent else "")
+            + f", but continent {continent!r} is stored on {shard!r}; leave the id unset and "
+            f"shardlib will allocate one"
         )
 
 
@@ -209,6 +231,7 @@ def route_insert_rows(
     from .shards import SHARD_BITS, make_id
 
     shards: list[str] = []
+    continents: list[Any] = []
     needs_id: list[int] = []
     explicit: list[int] = []
     for position, row in enumerate(rows):
@@ -216,6 +239,7 @@ def route_insert_rows(
             if "continent" not in row:
                 raise ValueError(f"INSERT into weather_locations without a continent: {row!r}; the continent chooses the shard")
             shard = shard_for_continent(row["continent"])
+            continents.append(row["continent"])
             location_id = row.get("id")
             if location_id is None:
                 needs_id.append(position)
@@ -223,6 +247,7 @@ def route_insert_rows(
                 check_explicit_id(f"INSERT of {row!r}", location_id, row["continent"], shard)
                 explicit.append(location_id)
         else:
+            continents.append(None)
             shard = shard_for_id(row.get("location_id"))
             if shard is None:
                 raise ValueError(
@@ -239,7 +264,7 @@ def route_insert_rows(
         reserve([i >> SHARD_BITS for i in explicit])
     if needs_id:
         for position, number in zip(needs_id, allocate(len(needs_id))):
-            rows[position] = {**rows[position], "id": make_id(number, shards[position])}
+            rows[position] = {**rows[position], "id": make_id(number, continents[position])}
     grouped: dict[str, list[dict[str, Any]]] = {}
     for shard, row in zip(shards, rows):
         grouped.setdefault(shard, []).append(row)

@@ -290,12 +290,14 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
     upgrade to the schema head, set the id counter (on ``COUNTER_SHARD``).
     """
     from .engines import refuse_in_doubt_transactions
+    from .resharding import drop_sidecar
 
     def go(conn: Connection) -> tuple[str, ...]:
         if conn.dialect.name == "postgresql":
             refuse_in_doubt_transactions(conn, shard)
         counter_metadata.drop_all(conn)
         Base.metadata.drop_all(conn)
+        drop_sidecar(conn)  # a continent move's tables (shardlib.resharding)
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         _upgrade_with_cached_scripts(conn, shard, f"{SCHEMA_BRANCH}@head")
         if shard == COUNTER_SHARD:

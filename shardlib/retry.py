@@ -55,6 +55,7 @@ before any shard commits.
 from __future__ import annotations
 
 import asyncio
+import time
 import contextvars
 import random
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,15 @@ T = TypeVar("T")
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF_S = 0.05
 DEFAULT_MAX_BACKOFF_S = 2.0
+
+MOVED_POLL_S = 0.005
+"""While a continent is being cut over to another database, how often a refused
+transaction runs again (it waits for the new shard map, not for another writer)."""
+
+MOVED_WAIT_S = 10.0
+"""How long :func:`run_transaction` keeps re-running a transaction refused because its
+continent is moving (:class:`shardlib.ContinentMoved`), without counting attempts: the
+router-side buffering Vitess does during a traffic switch (its default window is 10 s)."""
 
 _commits: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "shardlib_commits", default=None
@@ -155,6 +165,7 @@ async def run_transaction(
     if backoff < 0 or max_backoff < 0:
         raise ValueError(f"backoff and max_backoff must be >= 0, got {backoff!r}, {max_backoff!r}")
     attempt = 0
+    moved_since: float | None = None
     while True:
         attempt += 1
         attempting = _attempting.set(True)
@@ -177,12 +188,20 @@ async def run_transaction(
                         raise
                     if committing and len(log) > 1:  # the last shard failed, the others committed
                         raise PartialCommitError(log[:-1], log[-1], error) from error
-                    if attempt >= max_attempts:
+                    moving = getattr(error, "db_code", None) in ("shardlib_fenced", "shardlib_moved")
+                    if moving:  # a cut-over in progress: poll for the new map, for a while
+                        moved_since = moved_since if moved_since is not None else time.monotonic()
+                        if time.monotonic() - moved_since < MOVED_WAIT_S:
+                            attempt -= 1
+                        else:
+                            error.add_note(f"run_transaction: the continent was still moving after {MOVED_WAIT_S} s")
+                            raise
+                    elif attempt >= max_attempts:
                         error.add_note(f"run_transaction: gave up after {attempt} attempts")
                         raise
         finally:
             _attempting.reset(attempting)
-        await asyncio.sleep(_backoff_delay(attempt, backoff, max_backoff))
+        await asyncio.sleep(MOVED_POLL_S if moving else _backoff_delay(attempt, backoff, max_backoff))
 
 
 async def _roll_back(session: Any, error: BaseException) -> None:

@@ -57,7 +57,7 @@ from .analysis import (  # re-exported: the analysis used to live here
 )
 from . import routecache
 from .models import Report, WeatherLocation
-from .shards import SHARD_IDS, shard_for_continent, shard_for_id
+from .shards import SERVING_SHARD_IDS, SHARD_IDS, shard_for_continent, shard_for_id
 
 # --------------------------------------------------------------------------
 # the three choosers
@@ -113,7 +113,7 @@ def identity_chooser(
     if mapper.class_ is WeatherLocation:
         shard = shard_for_id(primary_key[0])
         return [shard] if shard is not None else []
-    return list(SHARD_IDS)  # Report ids are shard-local: any shard may have one
+    return list(SERVING_SHARD_IDS)  # Report ids are shard-local: any serving shard may have one
 
 
 def shard_named_by_id(ident: Any) -> str | None:

@@ -36,12 +36,16 @@ from sqlalchemy.ext.horizontal_shard import ShardedQuery, ShardedSession
 from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import StaleDataError
 
 from . import execution, guards, locking, routing, schema, twophase, upstream
 from .engines import check_engines
+from .catalog import ENGINES_KEY as _ENGINES
+from .catalog import refresh_map
 from .ids import allocator_for
 from .models import Report, WeatherLocation
-from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent, shard_for_id
+from .shards import (COUNTER_SHARD, SHARD_BITS, SHARD_IDS, check_shard_id, make_id, shard_for_continent,
+                     shard_for_id, slot_for_continent, slot_of_id)
 
 GC_PAUSE_MIN_OBJECTS = 1000
 """Batches of at least this many objects pause the cyclic GC (see ``_gc_paused_for``)."""
@@ -113,6 +117,8 @@ class ShardlibSession(ShardedSession):
         without analysing the SELECT that ``get()`` builds.
         """
         if kw.get("identity_token") is None and entity is WeatherLocation and self._own_choosers():
+            if _ENGINES in self.info:
+                refresh_map(self)  # the id's database in the catalog's current map, as execute() would
             shard = routing.shard_named_by_id(ident)
             if shard is not None:
                 kw["identity_token"] = shard
@@ -136,11 +142,22 @@ class ShardlibSession(ShardedSession):
 
     def flush(self, objects: Any = None) -> None:
         """Flush; a big flush runs with Python's cyclic garbage collector paused
-        (see :func:`_gc_paused_for`)."""
-        if len(self._new) < GC_PAUSE_MIN_OBJECTS:  # autoflush before every query: keep it cheap
-            return super().flush(objects)
-        with _gc_paused_for(len(self._new)):
-            super().flush(objects)
+        (see :func:`_gc_paused_for`). An UPDATE or DELETE that found its row gone
+        because the row's continent moved to another database meanwhile raises
+        the retryable :class:`shardlib.ContinentMoved`, not ``StaleDataError``."""
+        # a failed flush rolls back and expires them: note which rows it was changing
+        changing = [s.key for s in (*self.identity_map._modified, *self._deleted) if s.key is not None]
+        try:
+            if len(self._new) < GC_PAUSE_MIN_OBJECTS:  # autoflush before every query: keep it cheap
+                super().flush(objects)
+            else:
+                with _gc_paused_for(len(self._new)):
+                    super().flush(objects)
+        except StaleDataError as error:
+            moved = _moved_since_loaded(changing)
+            if moved is None:
+                raise
+            raise moved from error
 
     def _own_choosers(self) -> bool:
         return (self.identity_chooser is routing.identity_chooser
@@ -161,6 +178,8 @@ class ShardlibSession(ShardedSession):
         if connection is None:
             connection = cache[key] = transaction.connection(mapper, shard_id=shard_id)
         return connection
+
+
 
 
 @event.listens_for(ShardlibSession, "after_begin")
@@ -210,6 +229,26 @@ def reserve_ids(session: Session, numbers: list[int]) -> None:
     _allocator(session).reserve(numbers, own_connection=_counter_connection(session))
 
 
+def _moved_since_loaded(keys: list[Any]) -> Any:
+    """A :class:`~shardlib.resharding.ContinentMoved` if a changed or deleted
+    location (identity ``keys``) was loaded from a database that no longer
+    stores its continent."""
+    from .resharding import ContinentMoved
+
+    for key in keys:
+        if key[0] is not WeatherLocation:
+            continue
+        location_id, loaded_from = key[1][0], key[2]
+        now = shard_for_id(location_id)
+        if now is not None and now != loaded_from:
+            return ContinentMoved(
+                f"WeatherLocation {location_id} was loaded from {loaded_from!r}, but its continent is now stored on "
+                f"{now!r} (the shard map changed during this transaction); nothing was written. "
+                f"The transaction is safe to run again (shardlib.run_transaction does)",
+                shard=loaded_from, code="shardlib_moved", statement=None, params=None, orig=None)
+    return None
+
+
 def _check_stays_on_its_shard(obj: Any) -> None:
     """A stored row cannot change shard by UPDATE: refuse before any SQL."""
     state = inspect(obj)
@@ -227,7 +266,9 @@ def _check_stays_on_its_shard(obj: Any) -> None:
         if "continent" not in state.dict:
             return
         wanted = shard_for_continent(obj.continent)
-        if wanted != stored_on:
+        # logical shards, not databases: a move of the continent between loading and
+        # flushing changes the database, and the fence there answers (shardlib.resharding)
+        if slot_for_continent(obj.continent) != slot_of_id(state.key[1][0]):
             raise ValueError(
                 f"{obj!r} is stored on {stored_on!r}; continent {obj.continent!r} "
                 f"belongs on {wanted!r}. A row cannot change shard by UPDATE: use "
@@ -238,11 +279,17 @@ def _check_stays_on_its_shard(obj: Any) -> None:
         moved_to = [loc for loc in state.attrs.location.history.added if loc is not None]
         if moved_to:
             location, wanted = moved_to[0], routing.shard_of(moved_to[0])
+            new_id = moved_to[0].id
+            new_slot = slot_of_id(new_id) if new_id is not None else slot_for_continent(moved_to[0].continent)
         elif state.attrs.location_id.history.added:
             location, wanted = obj.location_id, shard_for_id(obj.location_id)
+            new_slot = slot_of_id(obj.location_id) if isinstance(obj.location_id, int) else None
         else:
             return
-        if wanted != stored_on:
+        old_id = state.committed_state.get("location_id", state.dict.get("location_id"))
+        same_logical_shard = (isinstance(old_id, int) and new_slot is not None
+                              and slot_of_id(old_id) == new_slot and wanted is not None)
+        if not same_logical_shard and wanted != stored_on:
             raise ValueError(
                 f"{obj!r} is stored on {stored_on!r} with its old location; its new location "
                 f"{location!r} is stored on {wanted!r}. A report lives on its location's shard, "
@@ -253,6 +300,7 @@ def _check_stays_on_its_shard(obj: Any) -> None:
 
 @event.listens_for(ShardlibSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    refresh_map(session)
     new = [instance_state(o) for o in session.new]
     shard_index: dict[Any, int] = {}
     needs_id = []
@@ -283,7 +331,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         for state, number in zip(needs_id, numbers):
             # a pending object's INSERT reads its values from the instance dict;
             # writing there skips attribute events (this loop runs once per row)
-            location_id = state.dict["id"] = make_id(number, SHARD_IDS[shard_index[state]])
+            location_id = state.dict["id"] = make_id(number, state.dict["continent"])
             _ALLOCATED[state.obj()] = location_id
 
     # 4. group pending rows by shard, keeping their order within a shard
@@ -336,7 +384,12 @@ def make_sessionmaker(
     for name in ("shard_chooser", "identity_chooser", "execute_chooser"):
         if name in kw:  # your own chooser replaces one of ours
             choosers[name] = kw.pop(name)
-    info = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    info: dict[str, Any] = {"shardlib.allocator": allocator_for(engines[COUNTER_SHARD].sync_engine)}
+    sync_shards = getattr(engines, "sync_shards", None)  # ShardEngines: a live dict (shardlib.catalog)
+    if sync_shards is not None:
+        info[_ENGINES] = engines
+    else:
+        sync_shards = {shard: engines[shard].sync_engine for shard in SHARD_IDS}
     if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
         info[schema.CHECK_KEY] = False
     commit_log_engine = kw.pop("commit_log_engine", None)
@@ -346,7 +399,7 @@ def make_sessionmaker(
     return async_sessionmaker(
         sync_session_class=ShardlibSession,
         expire_on_commit=kw.pop("expire_on_commit", False),
-        shards={shard: engines[shard].sync_engine for shard in SHARD_IDS},
+        shards=sync_shards,
         info=info,
         **choosers,
         **kw,
@@ -369,7 +422,7 @@ async def move_location(session: AsyncSession, location: WeatherLocation, contin
     state = inspect(location)
     if state.key is None:
         raise ValueError(f"{location!r} is not stored yet; just set its continent")
-    if state.key[2] == target:
+    if state.key[2] == target and slot_of_id(state.key[1][0]) == slot_for_continent(continent):
         location.continent = continent
         return location
     reports = await location.awaitable_attrs.reports

@@ -24,14 +24,15 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import operators, visitors
 
 from .models import WeatherLocation, id_counter
-from .shards import SHARD_FOR_CONTINENT, SHARD_IDS
+from .shards import SERVING_SHARD_IDS
+from .shards import SHARD_FOR_CONTINENT
 
 
 def identity_chooser(mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None, **kw: Any) -> list[str]:
     """The seed's identity chooser: the parent's shard in a lazy load, else all."""
     if lazy_loaded_from:
         return [lazy_loaded_from.identity_token]
-    return list(SHARD_IDS)
+    return list(SERVING_SHARD_IDS)
 
 
 def execute_chooser(context: ORMExecuteState) -> list[str]:
@@ -44,7 +45,7 @@ def execute_chooser(context: ORMExecuteState) -> list[str]:
             elif operator == operators.in_op:
                 ids.extend(SHARD_FOR_CONTINENT[v] for v in value)
     if len(ids) == 0:
-        return list(SHARD_IDS)
+        return list(SERVING_SHARD_IDS)
     return ids
 
 

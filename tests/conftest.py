@@ -41,6 +41,15 @@ def seed_locations() -> list[WeatherLocation]:
     return list(locations.values())
 
 
+@pytest.fixture(autouse=True)
+def _default_shard_map() -> Iterator[None]:
+    """Each test starts routing by the default map (one process, one active map:
+    a test that moved a continent must not decide where the next test's rows go).
+    Worlds with a catalog re-activate their own map whenever a session routes."""
+    shardlib.shards.activate(shardlib.shards.DEFAULT_MAP)
+    yield
+
+
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()

@@ -20,7 +20,7 @@ def test_id_layout_round_trips() -> None:
             assert make_id(n, shard) >> shardlib.SHARD_BITS == n
     assert shard_for_id(7) is None and shard_for_id("17") is None and shard_for_id(True) is None
     assert shard_for_id((1 << 4) | 9) is None  # index 9 names no shard
-    with pytest.raises(ValueError, match="'mars'.*valid shard ids are 'north_america'"):
+    with pytest.raises(ValueError, match="'mars'.*valid ones are 'north_america'"):
         make_id(1, "mars")
 
 

@@ -31,10 +31,17 @@ if context.is_offline_mode() or connection is None:
         "`await shardlib.migrate(engines)`; offline (--sql) mode is not supported"
     )
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate ignores the sidecar tables of a continent move (shardlib.resharding)
+    and the shard map's catalog: they belong to shardlib, not to the schema."""
+    return not (type_ == "table" and name is not None and name.startswith("shardlib_"))
+
+
 context.configure(
     connection=connection,
     target_metadata=target_metadata_for(shard),
     render_as_batch=True,
+    include_name=include_name,
 )
 
 with context.begin_transaction():
