@@ -153,7 +153,8 @@ def _check_before_first_use(session: Session, transaction: SessionTransaction,
     """Every session made by :func:`shardlib.make_sessionmaker` checks its shards
     (``get_bind(shard_id=...)`` names each shard's engine) when it first connects."""
     if _SHARDLIB_SESSION in session.info and session.info.get(CHECK_KEY, True):
-        check({shard: session.get_bind(shard_id=shard) for shard in SHARD_IDS}, connection)
+        binds = getattr(session, "_ShardedSession__shards", None) or {}  # what get_bind() would answer
+        check({shard: binds.get(shard) or session.get_bind(shard_id=shard) for shard in SHARD_IDS}, connection)
 
 
 __all__ = ["CHECK_KEY", "SchemaDriftError", "check", "describe", "forget", "read_revisions", "remember"]
