@@ -63,14 +63,14 @@ def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[
     """Validate and route every row first: per shard, ``(continent, [city, ...])`` groups.
 
     Cities are grouped by continent (the shard follows from the continent), so the
-    loop does one dict lookup and one append per row; rows that are not plain dicts,
-    carry an ``id`` key, or bring a continent not seen yet take the slow path,
-    which checks everything and names what is wrong.
+    loop does one dict lookup and one append per row; rows that are not plain dicts
+    of exactly ``continent`` and ``city``, or bring a continent not seen yet, take
+    the slow path, which checks everything and names what is wrong.
     """
     cities: dict[Any, list[Any]] = {}
     for number, row in enumerate(rows):
         try:
-            if type(row) is not dict or "id" in row:
+            if type(row) is not dict or len(row) != 2:  # an id, or any other column: the slow path
                 raise LookupError
             cities[row["continent"]].append(row["city"])  # KeyError: new continent, or no city
         except (LookupError, TypeError):

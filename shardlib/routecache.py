@@ -201,8 +201,14 @@ def route_key(statement: Any, params: Any) -> Any:
         return None
 
 
-def shards(statement: Any, params: Any = None) -> list[str]:
-    """:func:`shardlib.analysis.shards_for`, remembered (see the module docstring)."""
+def shards(statement: Any, params: Any = None, lookups: Any = None) -> list[str]:
+    """:func:`shardlib.analysis.shards_for`, remembered (see the module docstring).
+
+    ``lookups``: answers read from lookup tables for this statement (data, not
+    structure): with them the statement is routed afresh, never remembered."""
+    if lookups is not None:
+        _caches.uncached += 1
+        return shards_for(statement, params, lookups=lookups)
     key = route_key(statement, params) if ENABLED else None
     if key is None:
         _caches.uncached += 1
