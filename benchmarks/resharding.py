@@ -36,6 +36,13 @@ def _latencies(records: list[dict[str, Any]], continent: str, start: float, end:
                   if "error" not in r and r["continent"] == continent and r["t0"] <= end and r["t1"] >= start)
 
 
+def _gap(records: list[dict[str, Any]], continent: str, start: float, end: float) -> float:
+    times = sorted(r["t1"] for r in records if "error" not in r and r["continent"] == continent
+                   and start <= r["t1"] <= end)
+    edges = [start, *times, end]
+    return max(b - a for a, b in zip(edges, edges[1:])) * 1000
+
+
 def _rate(records: list[dict[str, Any]], continent: str, start: float, end: float) -> float:
     n = sum(1 for r in records if "error" not in r and r["continent"] == continent and start <= r["t1"] <= end)
     return n / (end - start) if end > start else 0.0
@@ -66,7 +73,8 @@ async def one_run(backend: str, writers: int) -> dict[str, Any]:
                                           continents=(MOVING, OTHER))
     m = holder["move"]
     p = report.phases
-    window = _latencies(report.records, MOVING, p["fencing"], p["cut_over"])
+    window = sorted((r["t1"] - r["t0"]) * 1000 for r in report.committed(MOVING)
+                    if p["fencing"] <= r["t0"] <= p["cut_over"])
     before = _latencies(report.records, MOVING, p["writers_started"], p["move_started"])
     other_before = _rate(report.records, OTHER, p["writers_started"], p["move_started"])
     other_during = _rate(report.records, OTHER, p["move_started"], p["cut_over"])
@@ -83,10 +91,12 @@ async def one_run(backend: str, writers: int) -> dict[str, Any]:
         "changes caught up": m.stats.changes_applied,
         "cut-over ms": m.stats.cut_over_ms,
         "fence ms": m.stats.fence_ms,
-        "moving writes in window": len(window),
-        "latency in window median ms": statistics.median(window) if window else 0.0,
-        "latency in window max ms": window[-1] if window else 0.0,
-        "latency before median ms": statistics.median(before) if before else 0.0,
+        "writes started during cut-over": len(window),
+        "their latency median ms": statistics.median(window) if window else 0.0,
+        "their latency max ms": window[-1] if window else 0.0,
+        "longest gap without a commit ms": report.longest_gap_ms(MOVING),
+        "latency before the move median ms": statistics.median(before) if before else 0.0,
+        "longest gap before the move ms": _gap(report.records, MOVING, p["writers_started"], p["move_started"]),
         "other continent commits/s before": other_before,
         "other continent commits/s during": other_during,
     }

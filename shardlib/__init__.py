@@ -31,7 +31,10 @@ shard), :mod:`~shardlib.schema` (drift detection), :mod:`~shardlib.backfill`,
 :mod:`~shardlib.conflicts` (which errors are retryable), :mod:`~shardlib.retry`
 (``run_transaction``), :mod:`~shardlib.upstream` (the seed's choosers, for comparison),
 :mod:`~shardlib.twophase` (a durable commit log and ``recover()`` for
-two-phase commit) and :mod:`~shardlib.outages` (a shard server that is down).
+two-phase commit), :mod:`~shardlib.outages` (a shard server that is down),
+:mod:`~shardlib.lookups` (lookup tables: global secondary indexes, unique
+station codes), :mod:`~shardlib.reference` (tables copied to every shard) and
+:mod:`~shardlib.joins` (cross-shard joins as an application-side hash join).
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from .schema import SchemaDriftError
 from .outages import ShardUnavailable
 from .twophase import DecisionRefused, recover, recovery_task
 from .locking import take_write_ticket
-from .models import Base, Report, WeatherLocation, id_counter
+from .models import Base, Country, Report, WeatherLocation, id_counter
+from .lookups import DuplicateLookupValue
+from . import joins, lookups, reference
 from .retry import PartialCommitError, run_transaction
 from .routing import execute_chooser, identity_chooser, shard_chooser, shard_of, shards_for
 from .session import ShardlibSession, make_sessionmaker, move_location
@@ -94,6 +99,7 @@ __all__ = [
     "shard_frames", "shard_list", "shard_of", "shard_rows", "shards_for", "show_shards", "take_write_ticket",
     "trace", "wrapped",
 ]
+__all__ += ["Country", "DuplicateLookupValue", "joins", "lookups", "reference"]  # beyond the shard key
 __all__ += ["Catalog", "ContinentMove", "ContinentMoved", "DEFAULT_MAP", "MoveError", "ShardEngines", "ShardMap",
             "StaleMapError", "VDiffMismatch", "add_continent", "move_continent"]  # the shard map as data
 __all__ += ["DecisionRefused", "ShardUnavailable", "recover", "recovery_task"]  # shardlib.twophase, shardlib.outages

@@ -15,8 +15,13 @@ A WHERE clause becomes a small tree of ``And``, ``Or``, ``Not`` and leaves:
   FROM element reading ``weather_locations`` (the table or an alias of it);
 * **id atoms**: ``weather_locations.id = 49``, ``weather_reports.location_id
   IN (...)``: an id names its shard (see :mod:`shardlib.shards`);
-* **free atoms**: anything else (``city = 'Quito'``, ``temperature > 30``, a
-  function, a subquery, a bound value nobody can see yet).
+* **lookup atoms**: ``city = 'Quito'``, ``station IN (...)`` on a column that
+  has a lookup table (:data:`shardlib.models.LOOKUPS`), once the lookup has
+  been asked (:func:`lookup_values` says what to ask; the caller, which owns
+  the I/O, passes the answers in): like an id atom, they can be true only on
+  the shards the lookup names;
+* **free atoms**: anything else (``temperature > 30``, a function, a
+  subquery, a bound value nobody can see yet, a lookup column nobody asked about).
 
 A free atom is named by *what it reads*: the FROM element (``a`` and ``b``,
 two aliases of one table, are different rows), the column, the operator and
@@ -78,7 +83,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.selectable import Alias, CompoundSelect, TableClause
 
-from .models import SHARD_KEY_COLUMNS
+from .models import LOOKUPS, SHARD_KEY_COLUMNS
 from .shards import SERVING_SHARD_IDS, continents_on, shard_for_id
 
 MAX_SPLITS = 2000
@@ -151,13 +156,15 @@ class Params:
     once, by compiling the statement (see :func:`compiled_bind_names`).
     """
 
-    __slots__ = ("values", "_statement", "_dialect", "_names")
+    __slots__ = ("values", "_statement", "_dialect", "_names", "lookups")
 
-    def __init__(self, values: Mapping[str, Any] | None, statement: Any = None, dialect: Any = None) -> None:
+    def __init__(self, values: Mapping[str, Any] | None, statement: Any = None, dialect: Any = None,
+                 lookups: LookupAnswers | None = None) -> None:
         self.values = values or {}
         self._statement = statement
         self._dialect = dialect
         self._names: dict[str, str] | None = None
+        self.lookups = lookups  # what the lookup tables said (see lookup_values)
 
     def lookup(self, bind: BindParameter[Any]) -> Any:
         values = self.values
@@ -263,6 +270,67 @@ def _typed(values: Iterable[Any]) -> frozenset[Any] | None:
         return None
 
 
+LookupAnswers = Mapping[str, Mapping[str, frozenset[str]]]
+"""Lookup name -> value -> the shards holding rows with that value (absent: none)."""
+
+LOOKUP_ANSWERS = "shardlib_lookup_answers"
+"""Execution option under which :mod:`shardlib.execution` hands the lookup tables'
+answers to the ``execute_chooser`` (which does no I/O itself)."""
+
+_LOOKUP_BY_NAME = {(lk.column.table.name, lk.column.name): lk for lk in LOOKUPS}
+
+
+def lookup_of(expr: Any) -> Any:
+    """The :class:`~shardlib.models.Lookup` of a column (or an alias's column) that has one."""
+    if not isinstance(expr, ColumnClause):
+        return None
+    table = base_table(expr)
+    if table is None:
+        return None
+    found = _LOOKUP_BY_NAME.get((table.name, expr.name))
+    if found is None or not expr.shares_lineage(found.column):
+        return None
+    return found
+
+
+def lookup_values(statement: Any, params: Mapping[str, Any] | None = None) -> dict[str, set[str]]:
+    """Lookup name -> the values a statement's WHERE compares that column with (``=``, ``IN``,
+    their negations), as text: what to ask the lookup tables before routing.
+
+    >>> from sqlalchemy import select
+    >>> from shardlib import WeatherLocation as WL
+    >>> found = lookup_values(select(WL).where(WL.city.in_(["Quito", "Lima"]) | (WL.station == "EGLL")))
+    >>> sorted((name, sorted(values)) for name, values in found.items())
+    [('city', ['Lima', 'Quito']), ('station', ['EGLL'])]
+    """
+    clauses = where_clauses(statement)
+    found: dict[str, set[str]] = {}
+    if not clauses:
+        return found
+    bound = Params(params, statement) if params else None
+    stack = [c for c in clauses if c is not None]
+    while stack:
+        expr = stack.pop()
+        while isinstance(expr, Grouping):
+            expr = expr.element
+        if isinstance(expr, (BooleanClauseList, ClauseList)) and expr.operator in (operators.and_, operators.or_):
+            stack.extend(expr.clauses)
+        elif isinstance(expr, UnaryExpression) and expr.operator is operators.inv:
+            stack.append(expr.element)
+        elif isinstance(expr, BinaryExpression) and expr.operator in _EQ_LIKE:
+            many = expr.operator in (operators.in_op, operators.not_in_op)
+            column, other = expr.left, expr.right
+            if not isinstance(column, ColumnClause) and isinstance(other, ColumnClause) and not many:
+                column, other = other, column
+            lookup = lookup_of(column)
+            if lookup is None:
+                continue
+            values = _values(other, bound, many)
+            if values is not _UNKNOWN and all(isinstance(v, str) for v in values if v is not None):
+                found.setdefault(lookup.name, set()).update(v for v in values if v is not None)
+    return found
+
+
 _EQ_LIKE = {operators.eq: False, operators.in_op: False, operators.ne: True, operators.not_in_op: True}
 
 
@@ -292,6 +360,11 @@ def _comparison(expr: BinaryExpression[Any], params: Params | None) -> Node:
     elif role == "location_id" and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         shards = frozenset(s for s in map(shard_for_id, values) if s is not None)
         node = IdIn(shards, ("id", source, column.name, typed))
+    elif (params is not None and params.lookups is not None and all(isinstance(v, str) for v in values)
+          and (lookup := lookup_of(column)) is not None and lookup.name in params.lookups):
+        answers = params.lookups[lookup.name]  # a value the lookup does not list is stored nowhere
+        shards = frozenset(s for v in values for s in answers.get(v, ()))
+        node = IdIn(shards, ("lookup", source, column.name, typed))
     else:
         node = Free(("in", source, column.name, typed))
     return Not(node) if negated else node
@@ -456,7 +529,7 @@ def presolve(tree: Node) -> Node:
     """
     polarity: dict[Any, int] = {}
     _polarities(tree, True, polarity)
-    pure = {key: mask == 1 for key, mask in polarity.items() if mask != 3 and key[0] != "id"}
+    pure = {key: mask == 1 for key, mask in polarity.items() if mask != 3 and key[0] not in ("id", "lookup")}
     return _shard_atoms_first(_substitute(tree, None, pure) if pure else tree)
 
 
@@ -496,6 +569,8 @@ def describe(node: Node) -> str:
         return "NOT " + describe(node.child)
     if isinstance(node, ContinentIn):
         return _condition("continent", node.continents)
+    if isinstance(node, IdIn) and node.key[0] == "lookup":
+        return _condition(node.key[2], node.key[3])
     if isinstance(node, IdIn):
         return _condition("location id", node.key[3])
     if isinstance(node, Free) and node.key[0] == "in":
@@ -550,6 +625,7 @@ def shards_for(
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     *,
     dialect: Any = None,
+    lookups: LookupAnswers | None = None,
 ) -> list[str]:
     """The shards that could hold rows matching ``statement``, in ``SHARD_IDS`` order.
 
@@ -559,6 +635,9 @@ def shards_for(
     empty list means no shard can match (``continent = 'Atlantis'``).
     ``dialect`` is the one the statement will be compiled for (it decides
     compiled parameter names only when they are too long for the database).
+    ``lookups`` are the lookup tables' answers for :func:`lookup_values`
+    (``{"city": {"Quito": frozenset({"south_america"})}}``): a value they do
+    not list is stored on no shard.
 
     >>> from sqlalchemy import select
     >>> from shardlib import WeatherLocation
@@ -575,7 +654,7 @@ def shards_for(
         param_sets = list(params) or [None]
     needed: set[str] = set()
     for param_set in param_sets:
-        bound = Params(param_set, statement, dialect) if param_set else None
+        bound = Params(param_set, statement, dialect, lookups) if param_set or lookups is not None else None
         for clause in clauses:
             tree = presolve(_tree(clause, bound))
             for shard in SERVING_SHARD_IDS:

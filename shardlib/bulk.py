@@ -14,6 +14,9 @@ What happens:
    id counter) is touched;
 2. ids for all the locations come from the global counter in **one**
    statement (``UPDATE id_counter ... RETURNING``), each naming its shard;
+   their lookup entries (city, station: :mod:`shardlib.lookups`) are written
+   and committed next, before any row (a station already in use stops the
+   load here, before any shard is written);
 3. each shard receives its rows as ``executemany`` batches of plain tuples,
    inside one transaction per shard; server shards are written
    **concurrently**, embedded SQLite shards one after another (see
@@ -40,6 +43,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .engines import check_engines
+from . import lookups
 from .ids import advance_counter
 from .models import Report, WeatherLocation
 from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, make_id, shard_for_continent, shard_for_id
@@ -47,7 +51,7 @@ from .shards import COUNTER_SHARD, SHARD_BITS, SHARD_IDS, make_id, shard_for_con
 DEFAULT_BATCH_SIZE = 10_000
 
 
-LOCATION_COLUMNS = ("id", "continent", "city")
+LOCATION_COLUMNS = ("id", "continent", "city", "station")
 REPORT_COLUMNS = ("location_id", "temperature", "report_time")
 
 
@@ -59,30 +63,33 @@ def _check_mapping(number: int, row: Any, columns: Sequence[str]) -> None:
         )
 
 
-def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[str, list[Any]]]]:
-    """Validate and route every row first: per shard, ``(continent, [city, ...])`` groups.
+def _route_locations(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[str, list[Any], list[Any]]]]:
+    """Validate and route every row first: per shard, ``(continent, [city, ...], [station, ...])``
+    groups.
 
-    Cities are grouped by continent (the shard follows from the continent), so the
-    loop does one dict lookup and one append per row; rows that are not plain dicts
-    of exactly ``continent`` and ``city``, or bring a continent not seen yet, take
-    the slow path, which checks everything and names what is wrong.
+    Rows are grouped by continent (the shard follows from the continent), so the
+    loop does one dict lookup and two appends per row; rows that are not plain dicts
+    of exactly ``continent`` and ``city`` (a station, an id), or bring a continent
+    not seen yet, take the slow path, which checks everything and names what is wrong.
     """
-    cities: dict[Any, list[Any]] = {}
+    groups: dict[Any, tuple[list[Any], list[Any]]] = {}
     for number, row in enumerate(rows):
         try:
-            if type(row) is not dict or len(row) != 2:  # an id, or any other column: the slow path
+            if type(row) is not dict or len(row) != 2:  # an id, a station, ...: the slow path
                 raise LookupError
-            cities[row["continent"]].append(row["city"])  # KeyError: new continent, or no city
+            cities, stations = groups[row["continent"]]  # KeyError: a new continent
+            cities.append(row["city"])  # KeyError (no city): nothing appended yet
+            stations.append(None)
         except (LookupError, TypeError):
-            _route_location_slowly(number, row, cities)
-    routed: dict[str, list[tuple[str, list[Any]]]] = {s: [] for s in SHARD_IDS}
-    for continent, found in cities.items():
-        routed[shard_for_continent(continent)].append((continent, found))
+            _route_location_slowly(number, row, groups)
+    routed: dict[str, list[tuple[str, list[Any], list[Any]]]] = {s: [] for s in SHARD_IDS}
+    for continent, (cities, stations) in groups.items():
+        routed[shard_for_continent(continent)].append((continent, cities, stations))
     return routed
 
 
-def _route_location_slowly(number: int, row: Any, cities: dict[Any, list[Any]]) -> None:
-    _check_mapping(number, row, LOCATION_COLUMNS[1:])
+def _route_location_slowly(number: int, row: Any, groups: dict[Any, tuple[list[Any], list[Any]]]) -> None:
+    _check_mapping(number, row, LOCATION_COLUMNS[1:3])
     try:
         continent, city = row["continent"], row["city"]
     except KeyError as missing:
@@ -91,13 +98,14 @@ def _route_location_slowly(number: int, row: Any, cities: dict[Any, list[Any]]) 
     if row.get("id") is not None:
         raise ValueError(f"row {number} {dict(row)!r} has an id; bulk_insert allocates ids itself")
     try:
-        found = cities.get(continent)
+        found = groups.get(continent)
     except TypeError:  # unhashable: no continent at all
         found = None
     if found is None:
         shard_for_continent(continent)  # ValueError naming it and the valid ones
-        found = cities[continent] = []
-    found.append(city)
+        found = groups[continent] = ([], [])
+    found[0].append(city)
+    found[1].append(row.get("station"))
 
 
 def _route_reports(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
@@ -201,7 +209,7 @@ async def _bulk_insert(engines: Mapping[str, AsyncEngine], model: Any, rows: Ite
         routed = _route_reports(rows)
     else:
         raise ValueError(f"bulk_insert takes WeatherLocation or Report, not {model!r}")
-    total = sum(len(r) if model is Report else sum(len(c) for _, c in r) for r in routed.values())
+    total = sum(len(r) if model is Report else sum(len(g[1]) for g in r) for r in routed.values())
     if total == 0:
         return 0
 
@@ -213,11 +221,15 @@ async def _bulk_insert(engines: Mapping[str, AsyncEngine], model: Any, rows: Ite
         step = 1 << SHARD_BITS  # consecutive sequence numbers: ids 16 apart, same logical shard
         for shard in SHARD_IDS:  # ids name each row's continent (its logical shard)
             groups, rows_ = routed[shard], []
-            for continent, cities in groups:  # tuples made by zip (in C): (id, continent, city)
+            for continent, cities, stations in groups:  # tuples made by zip (in C): (id, continent, city, station)
                 first_id = make_id(number, continent)
-                rows_.extend(zip(range(first_id, first_id + len(cities) * step, step), repeat(continent), cities))
+                rows_.extend(zip(range(first_id, first_id + len(cities) * step, step), repeat(continent), cities,
+                                 stations))
                 number += len(cities)
             routed[shard] = rows_
+        # lookup entries first, committed before any row (shardlib.lookups); a duplicate station stops here
+        await lookups.bulk_created(engines, ((r[0], {"city": r[2], "station": r[3]})
+                                             for shard in SHARD_IDS for r in routed[shard]))
 
     bar = None
     if progress:

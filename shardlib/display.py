@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .models import Base, counter_metadata
+from .models import Base, counter_metadata, lookup_metadata
 from .shards import SHARD_IDS
 
-_TABLES = {**Base.metadata.tables, **counter_metadata.tables}
+_TABLES = {**Base.metadata.tables, **counter_metadata.tables, **lookup_metadata.tables}
 
 
 def _one_line(sql: str) -> str:
@@ -205,10 +205,13 @@ async def shard_frames(
                 frames[shard] = pd.DataFrame(columns=[c.name for c in table_obj.columns])
                 frames[shard].attrs["missing_table"] = True  # shown as "(no such table)"
                 continue
-            stmt = select(table_obj).order_by(*(table_obj.primary_key.columns or table_obj.columns))
+            present = set(await conn.run_sync(lambda c: [col["name"] for col in inspect(c).get_columns(table)]))
+            columns = [c for c in table_obj.columns if c.name in present]  # a table of an older schema
+            key = [c for c in table_obj.primary_key.columns if c.name in present] or columns
+            stmt = select(*columns).order_by(*key)
             rows = (await conn.execute(stmt)).all()
         frames[shard] = pd.DataFrame.from_records(
-            [tuple(r) for r in rows], columns=[c.name for c in table_obj.columns]
+            [tuple(r) for r in rows], columns=[c.name for c in columns]
         )
     return frames
 

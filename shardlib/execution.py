@@ -76,12 +76,12 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards, routecache
+from . import guards, joins, lookups, reference, routecache
 from .catalog import ENGINES_KEY as _ENGINES
 from .catalog import refresh_map
 from .analysis import canonical, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
-from .shards import SERVING_SHARD_IDS
+from .shards import SERVING_SHARD_IDS, SHARD_IDS
 
 CONCATENATE = "shardlib_concatenate"
 """Execution option: ``True`` restores ShardedSession's plain concatenation."""
@@ -172,27 +172,53 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     pinned = pinned_shard(orm_context)
     if orm_context.is_insert:
         return _insert(orm_context, statement, params, pinned)
+    if reference.is_reference_write(orm_context) and pinned is None:
+        return _concatenate([_on(orm_context, s) for s in SHARD_IDS])  # every copy (shardlib.reference)
     if pinned is not None:
         if orm_context.is_update:
             guards.check_update(statement, params, [pinned])
-        return _in_place(orm_context, pinned)
+        finish = lookups.before_update_or_delete(orm_context, [pinned]) if (
+            orm_context.is_update or orm_context.is_delete) else None  # shardlib.lookups
+        if finish is None:
+            return _in_place(orm_context, pinned)
+        result = _on(orm_context, pinned)  # run now: the lookup entries are finished after it
+        finish()
+        return result
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = statement.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
         problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
+        if problem and (orm_context.execution_options.get(joins.CROSS_SHARD_JOIN)
+                        or orm_context.local_execution_options.get(joins.CROSS_SHARD_JOIN)):
+            return _cross_shard_join(orm_context, statement, params)  # shardlib.joins
         if problem:
-            raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}")
+            raise CrossShardRefused(f"cannot run this statement shard by shard: {problem}{_alternatives([])}; "
+                                    f"a join: .execution_options({joins.CROSS_SHARD_JOIN}=True) joins it in the "
+                                    f"application (shardlib.joins)")
         if not reads_sharded:
             return _in_place(orm_context, SERVING_SHARD_IDS[0])  # select(literal(1)): one answer, not four
         if exists_only:
             return _exists(orm_context, statement, params)
 
+    # ---- lookup tables (shardlib.lookups): ask them first; the chooser reads their answers
+    answers = None if loader else lookups.ask(orm_context)
+    if answers is not None and orm_context.is_select and isinstance(statement, Select) and not shards_for(
+            statement, params if isinstance(params, Mapping) else None, lookups=answers):
+        return _empty(statement)  # the lookup says no shard holds such a row: ask none
+    # ----
     shards = list(session.execute_chooser(orm_context))
     if orm_context.is_update:
         guards.check_update(statement, params, shards)
     if not shards:
         shards = [SERVING_SHARD_IDS[0]]
+    if orm_context.is_update or orm_context.is_delete:  # lookup entries of the rows it changes
+        finish = lookups.before_update_or_delete(orm_context, shards)  # (shardlib.lookups)
+        if finish is not None:
+            result = _on(orm_context, shards[0]) if len(shards) == 1 else _concatenate(
+                [_on(orm_context, s) for s in shards])
+            finish()
+            return result
     if len(shards) == 1:
         return _in_place(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:
@@ -209,6 +235,9 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
 
 def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: str | None) -> Result[Any]:
     table = guards.target_table_name(statement)
+    if table in reference.REFERENCE_TABLE_NAMES and pinned is None:  # every copy (shardlib.reference)
+        rows, expressions = guards.insert_rows(statement, params)
+        return _concatenate([_on(orm_context, s, _core_insert(statement, expressions), rows) for s in SHARD_IDS])
     if table not in (guards.LOCATIONS, guards.REPORTS):
         if pinned is None:
             raise ValueError(
@@ -225,16 +254,49 @@ def _insert(orm_context: ORMExecuteState, statement: Any, params: Any, pinned: s
         allocate=lambda n: allocate_ids(session, n),
         reserve=lambda numbers: reserve_ids(session, numbers),
     )
+    if table == guards.LOCATIONS:
+        lookups.after_insert_routing(session, per_shard)  # entries before the rows (shardlib.lookups)
+    shard_statement = _core_insert(statement, expressions)
+    results = [_on(orm_context, shard, shard_statement, shard_rows) for shard, shard_rows in per_shard.items()]
+    return _concatenate(results)
+
+
+def _core_insert(statement: Any, expressions: Mapping[str, Any]) -> Any:
+    """A Core INSERT per shard: the ORM's bulk path refuses per-shard connections."""
     from sqlalchemy import insert
 
-    # a Core INSERT per shard: the ORM's bulk path refuses per-shard connections
     shard_statement = insert(canonical(statement.table))
     if expressions:
         shard_statement = shard_statement.values(**expressions)
     if statement._returning:
         shard_statement = shard_statement.returning(*statement._returning)
-    results = [_on(orm_context, shard, shard_statement, shard_rows) for shard, shard_rows in per_shard.items()]
-    return _concatenate(results)
+    return shard_statement
+
+
+def _empty(statement: Select[Any]) -> Result[Any]:
+    """The result of a SELECT that no shard needs to run: its columns, no rows."""
+    from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+
+    keys = [d.get("name") or f"column_{i}" for i, d in enumerate(statement.column_descriptions)]
+    return IteratorResult(SimpleResultMetaData(keys), iter([]))
+
+
+def _cross_shard_join(orm_context: ORMExecuteState, statement: Any, params: Any) -> Result[Any]:
+    """A join the shards cannot answer alone, as a hash join here (:mod:`shardlib.joins`):
+    each side read from the shards it needs (lookups included), inside this session."""
+    session = orm_context.session
+    bound = params if isinstance(params, Mapping) else None
+
+    def read_side(side: Any) -> list[tuple[Any, ...]]:
+        answers = lookups.answers_for(session, side, bound)
+        shards = shards_for(side, bound, lookups=answers)
+        return [tuple(row) for shard in shards for row in _on(orm_context, shard, side).all()]
+
+    dialect = session.get_bind(shard_id=SHARD_IDS[0]).dialect.name
+    try:
+        return joins.run(orm_context, statement, read_side, dialect)
+    except joins.JoinRefused as refused:
+        raise CrossShardRefused(f"cannot join in the application: {refused}{_alternatives([])}") from None
 
 
 # ------------------------------------------------------------------ EXISTS

@@ -161,6 +161,7 @@ from sqlalchemy.sql.selectable import (
 )
 
 from . import routecache
+from .reference import reads_only_reference
 from .routing import shards_for
 from .shards import SERVING_SHARD_IDS
 
@@ -502,6 +503,8 @@ def _flatten(element: Any, froms: _Froms, correlated: set[int]) -> None:
         return
     if not _has_table(element):
         return  # VALUES, a subquery of literals: the same rows on every shard
+    if reads_only_reference(element):
+        return  # a reference table: the same rows on every shard too (shardlib.reference)
     if isinstance(element, Lateral):
         raise _refuse(f"gather cannot merge a LATERAL subquery ({_sql(element)}); join the table instead")
     if isinstance(element, (Subquery, CTE)) or (isinstance(element, Alias) and isinstance(element.element, Select)):
@@ -1051,6 +1054,8 @@ def plan(statement: Any, dialect_name: str | Dialect) -> GatherPlan:
 
     if not final_froms:
         return _plan_without_from(statement, columns, keys, name, aggregated)
+    if all(reads_only_reference(f) for f in final_froms):  # every copy is the same: ask one shard
+        return GatherPlan("one_shard", statement, keys, name, len(columns), routing_statements=())
 
     _check_select(statement, outer=[], context="the statement", final_froms=final_froms)
     limit, offset = _int_clause(statement, "_limit"), _int_clause(statement, "_offset")

@@ -53,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import schema
 from .engines import check_engines
-from .models import Base, counter_metadata, id_counter
+from .models import Base, counter_metadata, id_counter, lookup_metadata
 from .shards import COUNTER_SHARD, SHARD_IDS, check_shard_id
 
 if TYPE_CHECKING:
@@ -286,8 +286,9 @@ def _upgrade_with_cached_scripts(connection: Connection, shard: str, target: str
 async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int = 1) -> None:
     """Empty one shard and build it through the migrations (what :func:`shardlib.reset` does).
 
-    In one transaction: drop every shardlib table and ``alembic_version``,
-    upgrade to the schema head, set the id counter (on ``COUNTER_SHARD``).
+    In one transaction: drop every shardlib table (lookup tables included) and
+    ``alembic_version``, upgrade to the schema head, set the id counter (on
+    ``COUNTER_SHARD``). Lookups are then not built (:func:`shardlib.lookups.enable`).
     """
     from .engines import refuse_in_doubt_transactions
     from .resharding import drop_sidecar
@@ -296,6 +297,7 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
         if conn.dialect.name == "postgresql":
             refuse_in_doubt_transactions(conn, shard)
         counter_metadata.drop_all(conn)
+        lookup_metadata.drop_all(conn)  # built on demand by shardlib.lookups.enable()
         Base.metadata.drop_all(conn)
         drop_sidecar(conn)  # a continent move's tables (shardlib.resharding)
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
@@ -305,6 +307,10 @@ async def rebuild(engine: AsyncEngine, shard: str, *, first_sequence_number: int
         return schema.read_revisions(conn)
 
     schema.remember(engine, await in_shard_transaction(engine, go))
+    if shard == COUNTER_SHARD:
+        from .lookups import remember
+
+        remember(engine, False)
 
 
 async def migrate(engines: Mapping[str, AsyncEngine], revision: str = "head", *,

@@ -7,6 +7,9 @@ Same domain as SQLAlchemy's sharding example. Two differences matter:
   does), and each id names its shard in its low bits.
 * ``continent`` is checked the moment it is assigned: an unknown continent
   raises ``ValueError`` before the object can reach a session.
+* ``station`` (optional, e.g. ``'RJTT'`` for Tokyo Haneda) is unique across
+  **all** shards: no single database can enforce that, so a unique lookup
+  table does (:mod:`shardlib.lookups`).
 
 ``Report.id`` is a plain, shard-local autoincrement key, so the same report id
 exists on several shards; the ORM keeps them apart by *identity token*.
@@ -20,6 +23,7 @@ a lazy relationship can be awaited instead of raising::
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
@@ -41,14 +45,17 @@ class WeatherLocation(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     continent: Mapped[str] = mapped_column(String(50))
     city: Mapped[str] = mapped_column(String(100))
+    station: Mapped[str | None] = mapped_column(String(10), default=None)
+    """A weather-station code (ICAO ``EGLL``, WMO ``03772``): unique across all shards, or ``None``."""
 
     reports: Mapped[list[Report]] = relationship(
         back_populates="location", cascade="all, delete-orphan"
     )
 
-    def __init__(self, continent: str, city: str) -> None:
+    def __init__(self, continent: str, city: str, station: str | None = None) -> None:
         self.continent = continent
         self.city = city
+        self.station = station
 
     @validates("continent")
     def _check_continent(self, key: str, continent: str) -> str:
@@ -56,7 +63,8 @@ class WeatherLocation(Base):
         return continent
 
     def __repr__(self) -> str:
-        return f"WeatherLocation(id={self.id!r}, continent={self.continent!r}, city={self.city!r})"
+        station = f", station={self.station!r}" if self.station is not None else ""
+        return f"WeatherLocation(id={self.id!r}, continent={self.continent!r}, city={self.city!r}{station})"
 
 
 class Report(Base):
@@ -85,6 +93,27 @@ class Report(Base):
         )
 
 
+class Country(Base):
+    """A reference table: the same rows on every shard, so joins with it stay local.
+
+    ``continent`` uses shardlib's continent names (``'Europe'``); rows come
+    from the GeoNames country list (:mod:`shardlib.geonames`, CC BY 4.0) and
+    are written on every shard at once (:mod:`shardlib.reference`).
+    """
+
+    __tablename__ = "countries"
+
+    code: Mapped[str] = mapped_column(String(2), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    continent: Mapped[str] = mapped_column(String(50))
+
+    def __init__(self, code: str, name: str, continent: str) -> None:
+        self.code, self.name, self.continent = code, name, continent
+
+    def __repr__(self) -> str:
+        return f"Country(code={self.code!r}, name={self.name!r}, continent={self.continent!r})"
+
+
 SHARD_KEY_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
     ("continent", WeatherLocation.__table__.c.continent),
     ("location_id", WeatherLocation.__table__.c.id),
@@ -103,3 +132,55 @@ id_counter = Table(
     Column("next_value", Integer, nullable=False),
 )
 """One row, one column: the next unused global sequence number."""
+
+
+# --------------------------------------------------------------------------
+# beyond the shard key: lookup tables and reference tables (data, not code)
+# --------------------------------------------------------------------------
+
+lookup_metadata = MetaData()
+"""Lookup tables: on :data:`~shardlib.shards.COUNTER_SHARD` only, and only once
+:func:`shardlib.lookups.enable` has built them (like creating an index)."""
+
+city_lookup = Table(
+    "city_lookup",
+    lookup_metadata,
+    Column("value", String(100), primary_key=True),
+    Column("location_id", Integer, primary_key=True, autoincrement=False),
+)
+"""city -> every location id with that city (non-unique: London is in two continents)."""
+
+station_lookup = Table(
+    "station_lookup",
+    lookup_metadata,
+    Column("value", String(10), primary_key=True),
+    Column("location_id", Integer, nullable=False),
+)
+"""station -> the one location id with that station (the primary key makes it unique)."""
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A global secondary index: ``table`` maps each value of ``column`` to location ids.
+
+    It stores the **location id**, never a database name: an id names its
+    logical shard (:func:`shardlib.shards.shard_for_id`), so a continent moved
+    to another database needs no change here.
+    """
+
+    name: str
+    column: Column[Any]
+    table: Table
+    unique: bool
+
+
+LOOKUPS: tuple[Lookup, ...] = (
+    Lookup("city", WeatherLocation.__table__.c.city, city_lookup, unique=False),
+    Lookup("station", WeatherLocation.__table__.c.station, station_lookup, unique=True),
+)
+"""Which columns of ``weather_locations`` have a lookup table (read by
+:mod:`shardlib.analysis` to route, kept current by :mod:`shardlib.lookups`)."""
+
+REFERENCE_TABLES: tuple[Table, ...] = (Country.__table__,)
+"""Tables copied whole to every shard: joins with them run inside each shard
+(:mod:`shardlib.reference`); reading one alone asks one shard."""

@@ -161,16 +161,27 @@ class LoadReport:
         return [r for r in self.records if "error" not in r and (continent is None or r["continent"] == continent)]
 
     def pause_ms(self, continent: str) -> tuple[float, float]:
-        """(median, max) latency in ms of the continent's writes that overlapped the
-        cut-over window (from the fence to the new map); (0, 0) if none did."""
+        """(median, max) latency in ms, start to commit, of the continent's writes
+        that started during the cut-over (from the fence to the new map): what a
+        writer waited for; (0, 0) if none started then."""
         start, end = self.phases.get("fencing"), self.phases.get("cut_over")
         if start is None or end is None:
             return 0.0, 0.0
-        overlapping = sorted((r["t1"] - r["t0"]) * 1000 for r in self.committed(continent)
-                             if r["t0"] <= end and r["t1"] >= start)
-        if not overlapping:
+        started = sorted((r["t1"] - r["t0"]) * 1000 for r in self.committed(continent)
+                         if start <= r["t0"] <= end)
+        if not started:
             return 0.0, 0.0
-        return overlapping[len(overlapping) // 2], overlapping[-1]
+        return started[len(started) // 2], started[-1]
+
+    def longest_gap_ms(self, continent: str, around_s: float = 1.0) -> float:
+        """The longest time in ms without a commit of ``continent`` within
+        ``around_s`` seconds of the cut-over window."""
+        start, end = self.phases.get("fencing"), self.phases.get("cut_over")
+        if start is None or end is None:
+            return 0.0
+        times = sorted(r["t1"] for r in self.committed(continent) if start - around_s <= r["t1"] <= end + around_s)
+        edges = [start - around_s, *times, end + around_s]
+        return max(b - a for a, b in zip(edges, edges[1:])) * 1000
 
     def summary(self) -> dict[str, Any]:
         return {"committed writes": len(self.committed()), "writer errors": len(self.errors),

@@ -187,8 +187,22 @@ END $$""",
 ]
 
 
+def _is_set_up(conn: Connection) -> bool:
+    """One cheap query: are the sidecar tables (and on PostgreSQL the triggers) there?"""
+    if conn.dialect.name == "postgresql":
+        return bool(conn.execute(text(
+            "SELECT to_regclass('shardlib_moves') IS NOT NULL AND to_regclass('shardlib_capturing') IS NOT NULL "
+            "AND (SELECT count(*) FROM pg_trigger WHERE tgname IN ('shardlib_fence_weather_locations', "
+            "'shardlib_fence_weather_reports', 'shardlib_capture_weather_locations', "
+            "'shardlib_capture_weather_reports')) = 4")).scalar())
+    return conn.execute(text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                             "('shardlib_moves', 'shardlib_capturing')")).scalar() == 2
+
+
 def _setup_tables(conn: Connection) -> None:
     """The mover's sidecar tables (Vitess keeps the same in its ``_vt`` database)."""
+    if _is_set_up(conn):  # DDL (CREATE OR REPLACE FUNCTION above all) takes locks writers wait for
+        return
     pg = conn.dialect.name == "postgresql"
     serial = "BIGSERIAL PRIMARY KEY" if pg else "INTEGER PRIMARY KEY AUTOINCREMENT"
     for sql in (
@@ -700,6 +714,8 @@ class ContinentMove:
         if verify and self.phase != "fenced":
             await self.catch_up()
             await self.verify(raise_on_difference=True)
+        if self.phase != "fenced":
+            await self.catch_up()  # what was written during verify(): the fenced drain stays short
         if self.on_phase is not None:
             self.on_phase("fencing")
         started = time.perf_counter()

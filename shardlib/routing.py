@@ -39,6 +39,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState
 
 from .analysis import (  # re-exported: the analysis used to live here
+    LOOKUP_ANSWERS,
     And,
     Const,
     ContinentIn,
@@ -56,7 +57,7 @@ from .analysis import (  # re-exported: the analysis used to live here
     to_tree,
 )
 from . import routecache
-from .models import Report, WeatherLocation
+from .models import REFERENCE_TABLES, Report, WeatherLocation
 from .shards import SERVING_SHARD_IDS, SHARD_IDS, shard_for_continent, shard_for_id
 
 # --------------------------------------------------------------------------
@@ -83,6 +84,14 @@ def shard_of(instance: object, state: Any = None) -> str:
                 f"location.reports) before adding it"
             )
         return shard
+    table = getattr(type(instance), "__table__", None)
+    if table is not None and table in REFERENCE_TABLES:
+        name = type(instance).__name__
+        raise ValueError(
+            f"{name} is a reference table, copied to every shard: an object is flushed to one "
+            f"shard only. Write its rows on every shard with "
+            f"await session.execute(insert({name}), rows) (shardlib.reference)"
+        )
     raise ValueError(
         f"cannot shard {type(instance).__name__} objects; shardlib stores "
         f"WeatherLocation and Report"
@@ -139,5 +148,7 @@ def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     parent = orm_context.lazy_loaded_from if orm_context.is_select else None
     if parent is not None and parent.identity_token is not None:
         return [parent.identity_token]
-    # shards_for, remembered by statement structure + bound values (shardlib.routecache)
-    return routecache.shards(orm_context.statement, orm_context.parameters) or [SHARD_IDS[0]]
+    answers = orm_context.local_execution_options.get(LOOKUP_ANSWERS)  # asked by shardlib.execution
+    # shards_for, remembered by statement structure + bound values (shardlib.routecache); with
+    # answers from lookup tables (data, not structure) routed afresh
+    return routecache.shards(orm_context.statement, orm_context.parameters, lookups=answers) or [SHARD_IDS[0]]

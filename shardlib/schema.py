@@ -6,7 +6,7 @@ week's backup, a new shard created by hand. Every shard records what it has
 in its own ``alembic_version`` table (see :mod:`shardlib.migrations`), so
 before a session touches any shard, shardlib checks that
 
-* every shard has the code's schema head (``0001_initial`` today), or a
+* every shard has the code's schema head (``0004_lookups`` today), or a
   revision built on it, and
 * every shard has exactly the same revisions as every other shard (an
   optional branch such as ``report_unit`` is either everywhere or nowhere),

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import execution, guards, locking, routing, schema, twophase, upstream
+from . import execution, guards, locking, lookups, routing, schema, twophase, upstream
 from .engines import check_engines
 from .catalog import ENGINES_KEY as _ENGINES
 from .catalog import refresh_map
@@ -341,6 +341,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 
 locking.install(ShardlibSession)  # SQLite write ticket around _before_flush (shardlib.locking)
+lookups.install(ShardlibSession)  # lookup tables kept current, after ids are given (shardlib.lookups)
 
 # ShardedSession concatenates (its own per-session hook); shardlib's hook, registered on the
 # class, runs before it, always answers, and so replaces it: merges exactly or refuses.
@@ -365,6 +366,9 @@ def make_sessionmaker(
     ``async_sessionmaker`` (e.g. ``twophase=True``, whose decisions are logged
     durably, on ``commit_log_engine=`` or the counter's shard: :mod:`shardlib.twophase`;
     ``commit_log_engine=False`` leaves SQLAlchemy's two-phase commit alone, to compare).
+    Once ``shardlib.lookups.enable(engines)`` has built the lookup tables, ``city``
+    and ``station`` filters are routed through them; ``lookup_routing=False`` opts out
+    (they are kept current either way: :mod:`shardlib.lookups`).
     """
     check_engines(engines)
     if routing_rules == "shardlib":
@@ -390,6 +394,8 @@ def make_sessionmaker(
         info[_ENGINES] = engines
     else:
         sync_shards = {shard: engines[shard].sync_engine for shard in SHARD_IDS}
+    if kw.pop("lookup_routing", True) is False:  # city/station filters scatter even with lookups built
+        info[lookups.ROUTING] = False
     if not kw.pop("check_schema", True):  # sessions refuse drifted shards (shardlib.schema)
         info[schema.CHECK_KEY] = False
     commit_log_engine = kw.pop("commit_log_engine", None)

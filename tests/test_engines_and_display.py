@@ -62,8 +62,9 @@ def test_each_shard_is_a_separate_sqlite_file(world) -> None:
         assert raw.execute("SELECT city FROM weather_locations").fetchall() == [("Tokyo",)]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    # the counter lives on north_america only; alembic_version: every shard's own migration record
-    assert tables == {"alembic_version", "weather_locations", "weather_reports"}
+    # the counter and the lookups live on north_america only; alembic_version: every shard's own
+    # migration record; countries: a reference table, copied to every shard
+    assert tables == {"alembic_version", "weather_locations", "weather_reports", "countries"}
 
 
 def test_reset_gives_the_same_ids_every_time(world) -> None:
@@ -201,7 +202,7 @@ def test_shard_frames_and_show_shards(world) -> None:
     frames, shown, counter = world.run(go())
     assert list(frames) == list(SHARD_IDS)
     assert list(frames["europe"]["city"]) == ["London", "Dublin"]
-    assert isinstance(frames["asia"], pd.DataFrame) and list(frames["asia"].columns) == ["id", "continent", "city"]
+    assert isinstance(frames["asia"], pd.DataFrame) and list(frames["asia"].columns) == ["id", "continent", "city", "station"]
     html = shown._repr_html_()
     assert all(f">{s} <" in html for s in SHARD_IDS) and html.count("<table") == 3  # europe has no reports
     assert "(no rows)" in html and "--- asia: weather_reports (1 rows) ---" in repr(shown)

@@ -31,6 +31,7 @@ from .conftest import FIXED_TIME, on_postgres, seed_locations
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPAND, CONTRACT = "0002_report_unit_expand", "0003_report_unit_contract"
+HEAD = "0004_lookups"  # the shardlib branch's head (0001_initial, then 0004)
 REPORTS = table("weather_reports", column("id"), column("location_id"), column("temperature"),
                 column("report_time"), column("unit"))
 
@@ -59,10 +60,33 @@ def snapshot(conn: Any) -> dict[str, Any]:
             "checks": sorted(insp.get_check_constraints(name), key=repr),
         }
     if conn.dialect.name == "sqlite":  # the DDL text itself
-        tables["sqlite_master"] = sorted(row for row in conn.execute(text(
+        tables["sqlite_master"] = sorted((row.type, row.name, ddl_parts(row.sql)) for row in conn.execute(text(
             "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")).all()
             if row.name in SHARDLIB_TABLES or row.type == "index")
     return tables
+
+
+def ddl_parts(sql: str | None) -> tuple[str, ...] | None:
+    """A CREATE TABLE's text as its head and its sorted, whitespace-normalised definitions.
+
+    SQLite's ``ALTER TABLE ... ADD COLUMN`` (revision 0004 adds ``station``) appends the
+    column's text after the table's constraints; ``create_all`` writes it before them.
+    The definitions themselves are compared exactly, and the column order by ``inspect()``.
+    """
+    if sql is None or "(" not in sql:
+        return None if sql is None else (" ".join(sql.split()),)
+    head, _, body = sql.partition("(")
+    body = body[: body.rindex(")")]
+    parts, depth, current = [], 0, ""
+    for char in body:
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += (char == "(") - (char == ")")
+        current += char
+    parts.append(current)
+    return (" ".join(head.split()), *sorted(" ".join(p.split()) for p in parts))
 
 
 def read_all(engines: dict[str, Any], fn: Any) -> dict[str, Any]:
@@ -166,15 +190,15 @@ def test_reset_leaves_every_shard_at_the_schema_head_and_the_counter_set(world) 
 
 SCHEMA_AT = {  # what weather_reports looks like at each revision: column -> nullable
     (): {},
-    ("0001_initial",): {"id": False, "location_id": False, "temperature": False, "report_time": False},
+    (HEAD,): {"id": False, "location_id": False, "temperature": False, "report_time": False},
 }
-SCHEMA_AT[(EXPAND,)] = {**SCHEMA_AT[("0001_initial",)], "unit": True}
-SCHEMA_AT[(CONTRACT,)] = {**SCHEMA_AT[("0001_initial",)], "unit": False}
+SCHEMA_AT[(EXPAND, HEAD)] = {**SCHEMA_AT[(HEAD,)], "unit": True}
+SCHEMA_AT[(CONTRACT, HEAD)] = {**SCHEMA_AT[(HEAD,)], "unit": False}
 STEPS = {  # target -> (command, revision, version rows afterwards)
     "base": ("downgrade", "base", ()),
-    "initial": ("downgrade", "report_unit@base", ("0001_initial",)),
-    "expand": (None, EXPAND, (EXPAND,)),
-    "contract": ("upgrade", CONTRACT, (CONTRACT,)),
+    "initial": ("downgrade", "report_unit@base", (HEAD,)),
+    "expand": (None, EXPAND, (EXPAND, HEAD)),
+    "contract": ("upgrade", CONTRACT, (CONTRACT, HEAD)),
 }
 
 
@@ -183,7 +207,7 @@ def _go_to(engines: Any, target: str, current: tuple[str, ...], shards: list[str
     if target == "initial" and current == ():
         return shardlib.migrate(engines, "head", shard=shards)
     if target == "expand":
-        command = "downgrade" if current == (CONTRACT,) else "upgrade"
+        command = "downgrade" if current == (CONTRACT, HEAD) else "upgrade"
     if command == "upgrade":
         return shardlib.migrate(engines, revision, shard=shards)
     return shardlib.downgrade(engines, revision, shard=shards)
@@ -196,7 +220,7 @@ def test_upgrade_and_downgrade_round_trips_on_every_shard(world, walk) -> None:
     """A random walk of upgrades and downgrades on random sets of shards: every
     shard's alembic_version and weather_reports columns follow the model."""
     world.run(shardlib.reset(world.engines))
-    model = {s: ("0001_initial",) for s in SHARD_IDS}
+    model = {s: (HEAD,) for s in SHARD_IDS}
     for target, chosen in walk:
         shards = [s for s in SHARD_IDS if s in chosen]
         # only shards whose path to the target is legal here (contract needs expand first)
@@ -204,7 +228,7 @@ def test_upgrade_and_downgrade_round_trips_on_every_shard(world, walk) -> None:
         for s in shards:
             groups.setdefault(model[s], []).append(s)
         for current, members in groups.items():
-            if target == "contract" and current not in ((EXPAND,), (CONTRACT,)):
+            if target == "contract" and current not in ((EXPAND, HEAD), (CONTRACT, HEAD)):
                 continue
             if target == "expand" and current == ():
                 continue
@@ -225,7 +249,7 @@ def test_every_shard_runs_the_ddl_and_a_second_upgrade_runs_none(world) -> None:
         frame = world.run(shardlib.migrate(world.engines, EXPAND))
     ddl = [r["shard"] for r in t.records if r["sql"].startswith("ALTER TABLE weather_reports ADD COLUMN unit")]
     assert ddl == list(SHARD_IDS)
-    assert list(frame["revision"]) == [EXPAND] * 4 and frame["has schema head"].all()
+    assert list(frame["revision"]) == [f"{EXPAND}+{HEAD}"] * 4 and frame["has schema head"].all()
     with shardlib.trace(world.engines) as t:
         world.run(shardlib.migrate(world.engines, EXPAND))
     assert not [r for r in t.records if r["sql"].startswith(("ALTER", "CREATE", "DROP", "UPDATE"))]
@@ -257,7 +281,7 @@ def test_a_session_refuses_shards_at_different_revisions(world, shard) -> None:
         world.run(_write_one(world.Session))
     message = str(raised.value)
     for s in SHARD_IDS:
-        assert f"{s}={'(none)' if s == shard else '0001_initial'}" in message, message
+        assert f"{s}={'(none)' if s == shard else HEAD}" in message, message
     assert "make migrate" in message and "check_schema=False" in message
     assert raised.value.revisions[shard] == ()
     # nothing was written anywhere
@@ -315,11 +339,11 @@ def test_drift_made_behind_shardlibs_back_is_seen_by_new_engines(world) -> None:
 
 def test_an_optional_branch_on_some_shards_only_is_drift_on_all_it_is_not(world) -> None:
     world.run(shardlib.migrate(world.engines, EXPAND, shard=["asia", "europe"]))
-    with pytest.raises(SchemaDriftError, match=f"north_america=0001_initial; asia={EXPAND}"):
+    with pytest.raises(SchemaDriftError, match=rf"north_america={HEAD}; asia={EXPAND}\+{HEAD}"):
         world.run(_write_one(world.Session))
     world.run(shardlib.migrate(world.engines, EXPAND))
     world.run(_write_one(world.Session))
-    assert not has_schema_head(["0099_unknown"]) and has_schema_head([CONTRACT])
+    assert not has_schema_head(["0099_unknown"]) and has_schema_head([CONTRACT, HEAD]) and not has_schema_head([CONTRACT])
 
 
 def test_a_checked_session_runs_no_extra_sql_after_reset(world) -> None:
@@ -352,7 +376,7 @@ def test_a_migration_failing_on_one_shard_stops_there_and_rerunning_finishes(wor
     error = raised.value
     i = SHARD_IDS.index(bad)
     assert (error.shard, error.done, error.not_attempted) == (bad, list(SHARD_IDS[:i]), list(SHARD_IDS[i + 1:]))
-    expected = {s: (CONTRACT,) if s in SHARD_IDS[:i] else ("0001_initial",) for s in SHARD_IDS}
+    expected = {s: (CONTRACT, HEAD) if s in SHARD_IDS[:i] else (HEAD,) for s in SHARD_IDS}
     assert world.run(read_all(world.engines, versions)) == expected
     for s in SHARD_IDS:
         assert f"{s}={expected[s][0]}" in str(error)
@@ -363,7 +387,7 @@ def test_a_migration_failing_on_one_shard_stops_there_and_rerunning_finishes(wor
         world.run(shardlib.migrate(world.engines, "report_unit@head"))
     assert sorted({r["shard"] for r in t.records if r["sql"].startswith("ALTER TABLE weather_reports ADD")}) \
         == sorted(SHARD_IDS[i:])
-    assert world.run(read_all(world.engines, versions)) == {s: (CONTRACT,) for s in SHARD_IDS}
+    assert world.run(read_all(world.engines, versions)) == {s: (CONTRACT, HEAD) for s in SHARD_IDS}
 
 
 @pytest.mark.parametrize("bad", SHARD_IDS)
@@ -384,7 +408,7 @@ def test_a_half_done_revision_leaves_nothing_behind(world, bad) -> None:
             await conn.execute(text("DROP TABLE weather_reports"))
     world.run(drop())
     world.run(shardlib.migrate(world.engines))
-    assert world.run(read_all(world.engines, versions)) == {s: ("0001_initial",) for s in SHARD_IDS}
+    assert world.run(read_all(world.engines, versions)) == {s: (HEAD,) for s in SHARD_IDS}
 
 
 def test_contract_refuses_while_one_shard_still_has_a_null(world) -> None:
@@ -394,7 +418,7 @@ def test_contract_refuses_while_one_shard_still_has_a_null(world) -> None:
     world.run(add_old_reports(world.Session, 1))  # an old writer after the backfill
     with pytest.raises(MigrationError, match="north_america: 2 weather_reports rows have no unit"):
         world.run(shardlib.migrate(world.engines, CONTRACT))
-    assert world.run(read_all(world.engines, versions)) == {s: (EXPAND,) for s in SHARD_IDS}
+    assert world.run(read_all(world.engines, versions)) == {s: (EXPAND, HEAD) for s in SHARD_IDS}
 
 
 def test_errors_name_the_bad_value_and_valid_ones(world) -> None:
@@ -509,7 +533,7 @@ def test_expand_backfill_contract_with_writers_running(world) -> None:
     expected_new = {s: 3 * sum(1 for _, shard in result["written"] if shard == s) for s in SHARD_IDS}
     assert units == {s: {k: v for k, v in {"F": expected_old[s], "C": expected_new[s]}.items() if v}
                      for s in SHARD_IDS}
-    assert world.run(read_all(world.engines, report_columns)) == {s: SCHEMA_AT[(CONTRACT,)] for s in SHARD_IDS}
+    assert world.run(read_all(world.engines, report_columns)) == {s: SCHEMA_AT[(CONTRACT, HEAD)] for s in SHARD_IDS}
 
     async def insert_null(shard: str) -> None:
         async with world.engines[shard].begin() as conn:
@@ -535,11 +559,11 @@ def test_the_command_line_runs_alembic_on_every_shard_or_one(world, tmp_path) ->
     world.run(shardlib.dispose(world.engines))
     done = _cli("upgrade", "head", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("0001_initial") >= 4 and "False" not in done.stdout
+    assert done.stdout.count(HEAD) >= 4 and "False" not in done.stdout
     one = _cli("--shard", "asia", "upgrade", EXPAND, data_dir=data_dir)
     assert one.returncode == 0, one.stderr
     assert world.run(read_all(world.engines, versions)) == {
-        s: (EXPAND,) if s == "asia" else ("0001_initial",) for s in SHARD_IDS}
+        s: (EXPAND, HEAD) if s == "asia" else (HEAD,) for s in SHARD_IDS}
     bad = _cli("--shard", "mars", "current", data_dir=data_dir)
     assert bad.returncode == 2 and "unknown shard id 'mars'; valid shard ids are 'north_america'" in bad.stderr
     history = _cli("history", data_dir=data_dir)
@@ -550,4 +574,4 @@ def test_the_command_line_runs_alembic_on_every_shard_or_one(world, tmp_path) ->
     world.run(hand_made())
     failed = _cli("upgrade", "report_unit@head", data_dir=data_dir)
     assert failed.returncode == 1
-    assert "failed on shard 'europe'" in failed.stderr and "south_america=0001_initial (not attempted)" in failed.stderr
+    assert "failed on shard 'europe'" in failed.stderr and f"south_america={HEAD} (not attempted)" in failed.stderr

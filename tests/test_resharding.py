@@ -600,3 +600,27 @@ def test_a_continent_moved_back_by_reverse_can_move_to_the_same_database_again(w
     assert len(diff) == 0, diff
     assert counts == {"europe": 0, target: expected_reports}, counts
     assert shards.current().placement["Europe"] == target
+
+
+def test_lookups_stay_right_after_a_move_because_they_store_ids(world: World) -> None:
+    """A lookup stores location ids, which name logical shards: after Europe moves, a
+    city filter routed through the lookup reaches the new database, with no lookup change."""
+    from shardlib import lookups
+
+    seeded(world, extra_europe=2)
+    world.run(lookups.enable(world.engines))
+    target, _ = spare()
+    move(world)
+
+    async def go() -> tuple[list[str], list[str], Any]:
+        async with world.Session() as session:
+            with shardlib.trace(world.engines) as t:
+                cities = (await session.execute(select(WeatherLocation.city)
+                                                .where(WeatherLocation.city.in_(["London", "Tokyo"]))
+                                                .order_by(WeatherLocation.city))).scalars().all()
+        return cities, t.shards(), await lookups.verify(world.engines)
+
+    cities, ran_on, differences = world.run(go())
+    assert cities == ["London", "Tokyo"]
+    assert set(ran_on) == {shardlib.COUNTER_SHARD, "asia", target}  # the lookup, then the two rows' databases
+    assert len(differences) == 0

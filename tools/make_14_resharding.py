@@ -1008,7 +1008,7 @@ assert any(r["t1"] > p["cut_over"] for r in asia), "expected Asia writes committ
 print(f"moved Asia {source} -> {destination} under 4 writer processes")
 print(pd.Series(facts).to_string())
 median_ms, max_ms = report.pause_ms("Asia")
-print(f"Asia writes overlapping the cut-over took {median_ms:.1f} ms (measured) median, {max_ms:.1f} ms (measured) at most")
+print(f"Asia writes started during the cut-over took {median_ms:.1f} ms (measured) median, {max_ms:.1f} ms (measured) at most")
 ''')
 
 md("""
