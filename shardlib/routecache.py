@@ -60,6 +60,7 @@ from typing import Any
 
 from . import shards as _shards
 from .analysis import is_exists_only, locality, shards_for
+from .analysis import lookup_values as _lookup_values
 
 ENABLED = True
 """``False``: every statement is analysed afresh (what a cache miss does)."""
@@ -106,6 +107,7 @@ class _Caches:
         self.facts: dict[Any, tuple[str | None, bool, bool]] = {}
         self.routes: dict[Any, tuple[str, ...]] = {}
         self.plans: dict[Any, Any] = {}
+        self.lookups: dict[Any, dict[str, frozenset[str]]] = {}
         self.shard_map: Any = None
         self.hits = 0
         self.misses = 0
@@ -119,6 +121,7 @@ class _Caches:
             self.facts.clear()
             self.routes.clear()
             self.plans.clear()
+            self.lookups.clear()
             self.shard_map = shard_map
         return self
 
@@ -222,6 +225,24 @@ def shards(statement: Any, params: Any = None, lookups: Any = None) -> list[str]
     return list(found)
 
 
+def lookup_values(statement: Any, params: Any = None) -> dict[str, set[str]]:
+    """:func:`shardlib.analysis.lookup_values` (which lookup values a WHERE asks for: no I/O,
+    a pure function of the statement, its values and the parameters), remembered under the
+    routing key. Most statements ask for none: they then cost a dictionary lookup."""
+    key = route_key(statement, params) if ENABLED else None
+    if key is None:
+        _caches.uncached += 1
+        return _lookup_values(statement, params)
+    caches = _caches.current()
+    found = caches.lookups.get(key)
+    if found is None:
+        found = caches.remember(caches.lookups, key, {name: frozenset(values) for name, values
+                                                      in _lookup_values(statement, params).items()})
+    else:
+        caches.hits += 1
+    return {name: set(values) for name, values in found.items()}  # the caller's own copy
+
+
 def plan(statement: Any, dialect: Any, make_plan: Any) -> Any:
     """``make_plan(statement, dialect)`` (:func:`shardlib.gather.plan`), remembered under the
     same key as routing plus the dialect. A plan embeds the statement's values (its per-shard
@@ -252,4 +273,4 @@ def clear() -> None:
     _last = (None, None)
 
 
-__all__ = ["CAPACITY", "ENABLED", "MAX_LIST", "clear", "facts", "plan", "route_key", "shards", "stats"]
+__all__ = ["CAPACITY", "ENABLED", "MAX_LIST", "clear", "facts", "lookup_values", "plan", "route_key", "shards", "stats"]
