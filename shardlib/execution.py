@@ -10,7 +10,11 @@ summarises or de-duplicates it is a plausible wrong answer::
     select(exists().where(WeatherLocation.continent == "Asia"))  # north_america answers first: False
 
 :func:`execute` replaces ShardedSession's ``do_orm_execute`` hook. It keeps its
-routing (pinned shard, else ``execute_chooser``) and adds three things:
+routing (pinned shard, else ``execute_chooser``, whose answers
+:mod:`shardlib.routecache` remembers), runs a statement that reaches one shard
+**once, in place** (the hook names the shard and ``Session.execute`` carries
+on; ``ShardedSession`` would run it again through the session), and adds
+three things:
 
 1. **Write guards on every path**, pinned or not (:mod:`shardlib.guards`):
    a Core/ORM ``insert()`` is split row by row onto the shards the rows belong
@@ -72,10 +76,10 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards, joins, lookups, reference
+from . import guards, joins, lookups, reference, routecache
 from .catalog import ENGINES_KEY as _ENGINES
 from .catalog import refresh_map
-from .analysis import canonical, is_exists_only, locality, shards_for
+from .analysis import canonical, shards_for
 from .gather import UNMERGEABLE_AGGREGATES, GatherRefused, _function_kind, _nulls_first, _order_items
 from .shards import SERVING_SHARD_IDS, SHARD_IDS
 
@@ -138,11 +142,27 @@ def _on(orm_context: ORMExecuteState, shard: str, statement: Any = None, params:
     return orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
 
 
+def _in_place(orm_context: ORMExecuteState, shard: str) -> None:
+    """Run the statement once, on ``shard``, as the session's own execution.
+
+    ``ShardedSession`` answers even a one-shard statement by executing it
+    again through the session (``invoke_statement``): a second pass through
+    ``Session.execute``'s option handling, for nothing. Here the hook only
+    names the shard and returns ``None``, so ``Session.execute`` carries on
+    and runs the statement itself, once, on that shard's connection (the
+    ``identity_token`` keeps loaded objects in that shard's identity map,
+    exactly as ``invoke_statement`` would). Hooks registered after this one
+    still run, once.
+    """
+    orm_context.bind_arguments["shard_id"] = shard
+    orm_context.update_execution_options(identity_token=shard)
+
+
 def _concatenate(results: list[Result[Any]]) -> Result[Any]:
     return results[0].merge(*results[1:])
 
 
-def execute(orm_context: ORMExecuteState) -> Result[Any]:
+def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute`` for shardlib sessions (see the module docstring)."""
     session = orm_context.session
     if _ENGINES in session.info:
@@ -159,15 +179,16 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
             guards.check_update(statement, params, [pinned])
         finish = lookups.before_update_or_delete(orm_context, [pinned]) if (
             orm_context.is_update or orm_context.is_delete) else None  # shardlib.lookups
-        result = _on(orm_context, pinned)
-        if finish is not None:
-            finish()
+        if finish is None:
+            return _in_place(orm_context, pinned)
+        result = _on(orm_context, pinned)  # run now: the lookup entries are finished after it
+        finish()
         return result
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
-    loader = orm_context.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
+    loader = statement.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
-        problem, reads_sharded = locality(statement)
+        problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
         if problem and (orm_context.execution_options.get(joins.CROSS_SHARD_JOIN)
                         or orm_context.local_execution_options.get(joins.CROSS_SHARD_JOIN)):
             return _cross_shard_join(orm_context, statement, params)  # shardlib.joins
@@ -176,9 +197,9 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
                                     f"a join: .execution_options({joins.CROSS_SHARD_JOIN}=True) joins it in the "
                                     f"application (shardlib.joins)")
         if not reads_sharded:
-            return _on(orm_context, SERVING_SHARD_IDS[0])  # select(literal(1)): one answer, not four
-    if not concatenate and not loader and is_exists_only(statement):
-        return _exists(orm_context, statement, params)
+            return _in_place(orm_context, SERVING_SHARD_IDS[0])  # select(literal(1)): one answer, not four
+        if exists_only:
+            return _exists(orm_context, statement, params)
 
     # ---- lookup tables (shardlib.lookups): ask them first; the chooser reads their answers
     answers = None if loader else lookups.ask(orm_context)
@@ -199,7 +220,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
             finish()
             return result
     if len(shards) == 1:
-        return _on(orm_context, shards[0])
+        return _in_place(orm_context, shards[0])
     if concatenate or loader or not orm_context.is_select:
         if not (concatenate or loader) and not (orm_context.is_update or orm_context.is_delete):
             raise _refuse(f"{type(statement).__name__} (shardlib cannot see what it reads)", shards)

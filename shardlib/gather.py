@@ -160,6 +160,7 @@ from sqlalchemy.sql.selectable import (
     Values,
 )
 
+from . import routecache
 from .reference import reads_only_reference
 from .routing import shards_for
 from .shards import SERVING_SHARD_IDS
@@ -945,7 +946,7 @@ class GatherPlan:
             return [SERVING_SHARD_IDS[0]]
         needed: set[str] = set()
         for statement in self.routing_statements:
-            needed.update(shards_for(statement, params))
+            needed.update(routecache.shards(statement, params))  # shards_for, remembered
         return [s for s in SERVING_SHARD_IDS if s in needed] or [SERVING_SHARD_IDS[0]]
 
     def merge(self, per_shard_rows: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[Any, ...]]:
@@ -1347,6 +1348,9 @@ async def _cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
             interrupted = True
+    for task in tasks:  # a shard cancelled mid-statement may end with its own error (ShardUnavailable):
+        if not task.cancelled():  # expected here, so mark it seen ("Task exception was never retrieved")
+            task.exception()
     if interrupted:
         raise asyncio.CancelledError
 
@@ -1369,7 +1373,7 @@ async def gather(
     every connection is back in its pool when the exception arrives.
     """
     some_engine = next(iter(engines.values()))
-    the_plan = plan(statement, some_engine.dialect)
+    the_plan = routecache.plan(statement, some_engine.dialect, plan)  # remembered per statement + values
     shards = the_plan.shards(params)
     answers = await _run_all(engines, shards, the_plan.shard_statement, params, timeout)
     return _rows(the_plan.keys, the_plan.merge(answers))

@@ -110,7 +110,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import LOOKUP_ANSWERS, LookupAnswers, lookup_values
+from . import routecache
+from .analysis import LOOKUP_ANSWERS, LookupAnswers
 from .models import LOOKUPS, Lookup, WeatherLocation, lookup_metadata
 from .shards import COUNTER_SHARD, SHARD_IDS, shard_for_id
 
@@ -235,7 +236,7 @@ def answers_for(session: Session, statement: Any, params: Mapping[str, Any] | No
     """
     if session.info.get(ROUTING) is False:
         return None
-    wanted = lookup_values(statement, params)  # no I/O: most statements need no lookup
+    wanted = routecache.lookup_values(statement, params)  # no I/O, remembered: most need no lookup
     if not wanted or not _session_enabled(session):
         return None
     return answers_from(_read(_session_connection(session, COUNTER_SHARD), wanted))

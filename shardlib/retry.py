@@ -46,9 +46,9 @@ shard's COMMIT fails with a conflict after an earlier one has committed,
 running ``fn`` again would apply its writes twice on that earlier shard. So
 ``run_transaction`` does not retry then: instead of the retryable error it
 raises :class:`PartialCommitError` naming the shards that committed and the
-one that failed (it sees COMMITs through engine events on engines made by
-:func:`shardlib.make_engines`; a SQLite connection that only read does not
-count). With ``twophase=True`` (PostgreSQL) conflicts surface at PREPARE,
+one that failed (it sees COMMITs through events on its own session's
+connections, named after the shards of :func:`shardlib.make_engines`; a
+SQLite connection that only read does not count). With ``twophase=True`` (PostgreSQL) conflicts surface at PREPARE,
 before any shard commits.
 """
 
@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from .conflicts import is_retryable
 
@@ -85,6 +86,7 @@ router-side buffering Vitess does during a traffic switch (its default window is
 _commits: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "shardlib_commits", default=None
 )
+_attempting: contextvars.ContextVar[bool] = contextvars.ContextVar("shardlib_attempting", default=False)
 
 
 class PartialCommitError(SQLAlchemyError):
@@ -107,23 +109,34 @@ class PartialCommitError(SQLAlchemyError):
 
 
 def watch_commits(engine: Engine, shard: str) -> None:
-    """Let :func:`run_transaction` see which shards a commit reached (idempotent)."""
-    if getattr(engine, "_shardlib_commit_watch", None) == shard:
-        return
+    """Let :func:`run_transaction` see which shards a commit reached, under the name ``shard``.
+
+    The COMMITs are watched on the connections of :func:`run_transaction`'s
+    own sessions only (:func:`_watch_connection`): a listener on the engine
+    would make every statement of every connection dispatch its events.
+    """
     engine._shardlib_commit_watch = shard  # type: ignore[attr-defined]
 
-    def _record(connection: Any, *args: Any) -> None:  # runs just before the COMMIT
-        log = _commits.get()
-        if log is None:
+
+def _record(connection: Any, *args: Any) -> None:  # runs just before the COMMIT
+    log = _commits.get()
+    if log is None:
+        return
+    if connection.dialect.name == "sqlite":  # a connection that only read commits nothing
+        driver = connection.connection.driver_connection
+        if not getattr(driver, "in_transaction", True):
             return
-        if connection.dialect.name == "sqlite":  # a connection that only read commits nothing
-            driver = connection.connection.driver_connection
-            if not getattr(driver, "in_transaction", True):
-                return
+    shard = getattr(connection.engine, "_shardlib_commit_watch", None)
+    if shard is not None:  # engines made by shardlib.make_engines
         log.append(shard)
 
-    event.listen(engine, "commit", _record)
-    event.listen(engine, "commit_twophase", _record)
+
+@event.listens_for(Session, "after_begin")
+def _watch_connection(session: Session, transaction: Any, connection: Any) -> None:
+    """Inside :func:`run_transaction`, watch this connection's COMMIT (only there)."""
+    if _attempting.get():
+        event.listen(connection, "commit", _record)
+        event.listen(connection, "commit_twophase", _record)
 
 
 def _backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
@@ -155,35 +168,39 @@ async def run_transaction(
     moved_since: float | None = None
     while True:
         attempt += 1
-        async with Session() as session:
-            committing = False
-            log: list[str] = []
-            try:
-                result = await fn(session)
-                committing = True
-                token = _commits.set(log)
+        attempting = _attempting.set(True)
+        try:  # this attempt's sessions watch their COMMITs (_watch_connection)
+            async with Session() as session:
+                committing = False
+                log: list[str] = []
                 try:
-                    await session.commit()
-                finally:
-                    _commits.reset(token)
-                return result
-            except BaseException as error:
-                await _roll_back(session, error)
-                if not isinstance(error, Exception) or not retryable(error):
-                    raise
-                if committing and len(log) > 1:  # the last shard failed, the others committed
-                    raise PartialCommitError(log[:-1], log[-1], error) from error
-                moving = getattr(error, "db_code", None) in ("shardlib_fenced", "shardlib_moved")
-                if moving:  # a cut-over in progress: poll for the new map, for a while
-                    moved_since = moved_since if moved_since is not None else time.monotonic()
-                    if time.monotonic() - moved_since < MOVED_WAIT_S:
-                        attempt -= 1
-                    else:
-                        error.add_note(f"run_transaction: the continent was still moving after {MOVED_WAIT_S} s")
+                    result = await fn(session)
+                    committing = True
+                    token = _commits.set(log)
+                    try:
+                        await session.commit()
+                    finally:
+                        _commits.reset(token)
+                    return result
+                except BaseException as error:
+                    await _roll_back(session, error)
+                    if not isinstance(error, Exception) or not retryable(error):
                         raise
-                elif attempt >= max_attempts:
-                    error.add_note(f"run_transaction: gave up after {attempt} attempts")
-                    raise
+                    if committing and len(log) > 1:  # the last shard failed, the others committed
+                        raise PartialCommitError(log[:-1], log[-1], error) from error
+                    moving = getattr(error, "db_code", None) in ("shardlib_fenced", "shardlib_moved")
+                    if moving:  # a cut-over in progress: poll for the new map, for a while
+                        moved_since = moved_since if moved_since is not None else time.monotonic()
+                        if time.monotonic() - moved_since < MOVED_WAIT_S:
+                            attempt -= 1
+                        else:
+                            error.add_note(f"run_transaction: the continent was still moving after {MOVED_WAIT_S} s")
+                            raise
+                    elif attempt >= max_attempts:
+                        error.add_note(f"run_transaction: gave up after {attempt} attempts")
+                        raise
+        finally:
+            _attempting.reset(attempting)
         await asyncio.sleep(MOVED_POLL_S if moving else _backoff_delay(attempt, backoff, max_backoff))
 
 

@@ -56,6 +56,7 @@ from .analysis import (  # re-exported: the analysis used to live here
     shards_for_tree,
     to_tree,
 )
+from . import routecache
 from .models import REFERENCE_TABLES, Report, WeatherLocation
 from .shards import SERVING_SHARD_IDS, SHARD_IDS, shard_for_continent, shard_for_id
 
@@ -124,11 +125,23 @@ def identity_chooser(
     return list(SERVING_SHARD_IDS)  # Report ids are shard-local: any serving shard may have one
 
 
+def shard_named_by_id(ident: Any) -> str | None:
+    """The one shard ``session.get(WeatherLocation, ident)`` can find ``ident`` on, or ``None``
+    (not a plain id: let the choosers decide). The same answer :func:`identity_chooser`
+    gives, and :func:`execute_chooser` gives for ``WHERE id = ident``."""
+    if isinstance(ident, (tuple, list)) and len(ident) == 1:
+        ident = ident[0]
+    if isinstance(ident, bool) or not isinstance(ident, int):
+        return None
+    return shard_for_id(ident)
+
+
 def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     """Which shards run a statement that names no shard itself.
 
     A lazy load (``await location.awaitable_attrs.reports``) runs on the
-    parent's shard. Everything else is routed by :func:`shards_for`; if no shard
+    parent's shard. Everything else is routed by :func:`shards_for` (its answer
+    remembered per statement and values: :mod:`shardlib.routecache`); if no shard
     can match, the statement still runs on one shard (``ShardedSession`` needs
     one to build the empty result), where it matches nothing.
     """
@@ -136,4 +149,6 @@ def execute_chooser(orm_context: ORMExecuteState) -> list[str]:
     if parent is not None and parent.identity_token is not None:
         return [parent.identity_token]
     answers = orm_context.local_execution_options.get(LOOKUP_ANSWERS)  # asked by shardlib.execution
-    return shards_for(orm_context.statement, orm_context.parameters, lookups=answers) or [SHARD_IDS[0]]
+    # shards_for, remembered by statement structure + bound values (shardlib.routecache); with
+    # answers from lookup tables (data, not structure) routed afresh
+    return routecache.shards(orm_context.statement, orm_context.parameters, lookups=answers) or [SHARD_IDS[0]]

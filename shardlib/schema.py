@@ -43,6 +43,10 @@ CHECK_KEY = "shardlib.check_schema"
 _SHARDLIB_SESSION = "shardlib.allocator"  # in the info of every session make_sessionmaker makes
 
 _seen: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_verified: dict[tuple[tuple[str, int], ...], tuple[Any, ...]] = {}
+"""Sets of engines check() passed without reading anything: (shard, id(engine)) pairs -> weak
+references to those engines (an id is only trusted while its engine is alive). Emptied whenever
+what was seen changes."""
 
 
 class SchemaDriftError(RuntimeError):
@@ -78,12 +82,14 @@ def _sync(engine: AsyncEngine | Engine) -> Engine:
 def remember(engine: AsyncEngine | Engine, revisions: Iterable[str]) -> None:
     """Record the revisions a shard is known to have (called after migrating it)."""
     _seen[_sync(engine)] = tuple(sorted(revisions))
+    _verified.clear()
 
 
 def forget(engines: Iterable[AsyncEngine | Engine]) -> None:
     """Forget what was seen, so the next session reads ``alembic_version`` again."""
     for engine in engines:
         _seen.pop(_sync(engine), None)
+    _verified.clear()
 
 
 def read_revisions(connection: Connection) -> tuple[str, ...]:
@@ -108,11 +114,18 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
     ``connection``, if given, is already open on one of the shards and is
     used for that shard instead of a new connection.
     """
+    key = tuple((shard, id(engine)) for shard, engine in shards.items())
+    verified = _verified.get(key)  # every session of a sessionmaker asks about the same engines
+    if verified is not None and all(ref() is engine for ref, engine in zip(verified, shards.values())):
+        return
     from .migrations import schema_head
 
     expected = schema_head()
     known = {shard: _seen.get(engine) for shard, engine in shards.items()}
     if all(revs is not None for revs in known.values()) and not problems(known):  # type: ignore[arg-type]
+        if len(_verified) > 64:
+            _verified.clear()
+        _verified[key] = tuple(weakref.ref(engine) for engine in shards.values())
         return
     from .outages import ShardUnavailable
 
@@ -129,6 +142,7 @@ def check(shards: Mapping[str, Engine], connection: Connection | None = None) ->
                 # (shardlib.outages); it is checked when it answers again
                 continue
         _seen[engine] = found[shard]
+    _verified.clear()
     if problems(found):
         raise SchemaDriftError(expected, found)
 
@@ -139,7 +153,8 @@ def _check_before_first_use(session: Session, transaction: SessionTransaction,
     """Every session made by :func:`shardlib.make_sessionmaker` checks its shards
     (``get_bind(shard_id=...)`` names each shard's engine) when it first connects."""
     if _SHARDLIB_SESSION in session.info and session.info.get(CHECK_KEY, True):
-        check({shard: session.get_bind(shard_id=shard) for shard in SHARD_IDS}, connection)
+        binds = getattr(session, "_ShardedSession__shards", None) or {}  # what get_bind() would answer
+        check({shard: binds.get(shard) or session.get_bind(shard_id=shard) for shard in SHARD_IDS}, connection)
 
 
 __all__ = ["CHECK_KEY", "SchemaDriftError", "check", "describe", "forget", "read_revisions", "remember"]

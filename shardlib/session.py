@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from sqlalchemy import event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.ext.horizontal_shard import ShardedQuery, ShardedSession
 from sqlalchemy.exc import MultipleResultsFound
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
@@ -79,6 +79,23 @@ class ShardlibSession(ShardedSession):
     every write path and answers multi-shard statements exactly or refuses
     (:mod:`shardlib.execution`)."""
 
+    def __init__(self, shard_chooser: Any, identity_chooser: Any, execute_chooser: Any,
+                 shards: dict[str, Any], query_cls: Any = ShardedQuery, **kw: Any) -> None:
+        """``ShardedSession.__init__`` without its per-session ``do_orm_execute`` hook.
+
+        That hook would run every statement a second time through the session
+        (``invoke_statement``); shardlib's class-level hook
+        (:func:`shardlib.execution.execute`) routes every statement itself, and
+        runs a one-shard statement once, in place. Registering an event on a
+        session *instance* also gives each session its own copy of the event
+        dispatcher, which cost more than creating the rest of the session.
+        """
+        Session.__init__(self, query_cls=query_cls, **kw)
+        self.shard_chooser = shard_chooser
+        self.identity_chooser = identity_chooser
+        self.execute_chooser = execute_chooser
+        self._ShardedSession__shards: dict[str, Any] = dict(shards)  # what bind_shard() fills
+
     def get_bind(self, mapper: Any = None, *, shard_id: Any = None, instance: Any = None,
                  clause: Any = None, **kw: Any) -> Any:
         if shard_id is None and mapper is None and instance is None:
@@ -92,7 +109,19 @@ class ShardlibSession(ShardedSession):
         return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
     def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        """``Session.get``; a primary key found on several shards names them."""
+        """``Session.get``; a primary key found on several shards names them.
+
+        With shardlib's choosers, a location id names its shard: ``get()`` asks
+        that shard directly (``identity_token``), which is what the choosers
+        would answer (one identity-map token, one shard for ``WHERE id = ...``)
+        without analysing the SELECT that ``get()`` builds.
+        """
+        if kw.get("identity_token") is None and entity is WeatherLocation and self._own_choosers():
+            if _ENGINES in self.info:
+                refresh_map(self)  # the id's database in the catalog's current map, as execute() would
+            shard = routing.shard_named_by_id(ident)
+            if shard is not None:
+                kw["identity_token"] = shard
         try:
             return super().get(entity, ident, **kw)
         except MultipleResultsFound:
@@ -116,16 +145,23 @@ class ShardlibSession(ShardedSession):
         (see :func:`_gc_paused_for`). An UPDATE or DELETE that found its row gone
         because the row's continent moved to another database meanwhile raises
         the retryable :class:`shardlib.ContinentMoved`, not ``StaleDataError``."""
-        with _gc_paused_for(len(self._new)):
-            # a failed flush rolls back and expires them: note which rows it was changing
-            changing = [s.key for s in (*self.identity_map._modified, *self._deleted) if s.key is not None]
-            try:
+        # a failed flush rolls back and expires them: note which rows it was changing
+        changing = [s.key for s in (*self.identity_map._modified, *self._deleted) if s.key is not None]
+        try:
+            if len(self._new) < GC_PAUSE_MIN_OBJECTS:  # autoflush before every query: keep it cheap
                 super().flush(objects)
-            except StaleDataError as error:
-                moved = _moved_since_loaded(changing)
-                if moved is None:
-                    raise
-                raise moved from error
+            else:
+                with _gc_paused_for(len(self._new)):
+                    super().flush(objects)
+        except StaleDataError as error:
+            moved = _moved_since_loaded(changing)
+            if moved is None:
+                raise
+            raise moved from error
+
+    def _own_choosers(self) -> bool:
+        return (self.identity_chooser is routing.identity_chooser
+                and self.execute_chooser is routing.execute_chooser)
 
     def connection_callable(self, mapper: Any = None, instance: Any = None, shard_id: Any = None,
                             **kw: Any) -> Any:

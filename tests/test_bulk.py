@@ -61,6 +61,11 @@ def test_bulk_rows_are_ordinary_rows_for_the_orm(world) -> None:
         (WeatherLocation, [{"continent": "Asia", "city": "a"}, {"continent": "Atlantis", "city": "b"}], "'Atlantis'"),
         (WeatherLocation, [{"continent": "Asia"}], "has no 'city'"),
         (WeatherLocation, [{"continent": "Asia", "city": "a", "id": 17}], "allocates ids itself"),
+        # the same checks after a row of the same continent (bulk_insert's fast path)
+        (WeatherLocation, [{"continent": "Asia", "city": "a"}, {"continent": "Asia", "city": "b", "id": 17}],
+         "allocates ids itself"),
+        (WeatherLocation, [{"continent": "Asia", "city": "a"}, {"continent": "Asia"}], "row 1 .* has no 'city'"),
+        (WeatherLocation, [{"continent": ["Asia"], "city": "a"}], "unknown continent \\['Asia'\\]"),
         (Report, [{"location_id": 5, "temperature": 1.0}], "location_id 5 names no shard"),
         (Report, [{"location_id": 17}], "no 'temperature'"),
     ],

@@ -293,6 +293,28 @@ def test_a_session_refuses_shards_at_different_revisions(world, shard) -> None:
     world.run(_write_one(world.Session))
 
 
+def test_a_session_after_a_good_one_still_sees_new_drift(world) -> None:
+    """Sessions remember which engines passed the check (the check is then free); a migration
+    run by shardlib, or one made behind its back followed by ``schema.forget``, must make the
+    next session look again."""
+    world.run(_write_one(world.Session))  # checked, and remembered
+    world.run(shardlib.alembic_command(world.engines, "stamp", "base", shard="asia"))
+    with pytest.raises(SchemaDriftError, match="asia=\\(none\\)"):
+        world.run(_write_one(world.Session))
+    world.run(shardlib.alembic_command(world.engines, "stamp", "head", shard="asia"))
+    world.run(_write_one(world.Session))
+
+    async def stamp_raw() -> None:
+        async with world.engines["south_america"].begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+
+    world.run(stamp_raw())
+    world.run(_write_one(world.Session))  # not seen yet: these engines were checked before
+    shardlib.schema.forget(world.engines.values())
+    with pytest.raises(SchemaDriftError, match="south_america=0099_from_the_future"):
+        world.run(_write_one(world.Session))
+
+
 def test_shards_that_agree_but_lack_the_schema_head_are_refused_too(world) -> None:
     world.run(shardlib.alembic_command(world.engines, "stamp", "base"))
     with pytest.raises(SchemaDriftError, match="north_america=\\(none\\); asia=\\(none\\); europe=\\(none\\); "
