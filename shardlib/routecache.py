@@ -55,7 +55,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import shards as _shards
@@ -101,7 +101,7 @@ def _freeze_params(params: Any) -> Any:
 
 
 class _Caches:
-    """Three bounded dicts (emptied when full: simpler and cheaper per hit than an LRU)."""
+    """Four bounded dicts (emptied when full: simpler and cheaper per hit than an LRU)."""
 
     def __init__(self) -> None:
         self.facts: dict[Any, tuple[str | None, bool, bool]] = {}
@@ -115,8 +115,7 @@ class _Caches:
 
     def current(self) -> _Caches:
         """Forget everything if the shard map is not the one the answers were made with."""
-        current = _shards.__dict__.get("current")  # the versioned map (issue #13), if present
-        shard_map = current() if current is not None else _shards.SHARD_FOR_CONTINENT
+        shard_map = _shards.current()
         if shard_map is not self.shard_map:
             self.facts.clear()
             self.routes.clear()
@@ -171,18 +170,25 @@ def _structure(statement: Any) -> _Structure | None:
     return structure
 
 
-def facts(statement: Any) -> tuple[str | None, bool, bool]:
-    """``(locality problem or None, reads a sharded table?, select(exists(...)) only?)``."""
-    structure = _structure(statement) if ENABLED else None
-    if structure is None:
+def _remembered(name: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered in the cache called ``name`` under ``key``
+    (``None``: this statement cannot be remembered; it is counted as uncached)."""
+    if key is None:
         _caches.uncached += 1
-        return (*locality(statement), is_exists_only(statement))
+        return compute()
     caches = _caches.current()
-    found = caches.facts.get(structure)
+    cache = getattr(caches, name)
+    found = cache.get(key)
     if found is None:
-        return caches.remember(caches.facts, structure, (*locality(statement), is_exists_only(statement)))
+        return caches.remember(cache, key, compute())
     caches.hits += 1
     return found
+
+
+def facts(statement: Any) -> tuple[str | None, bool, bool]:
+    """``(locality problem or None, reads a sharded table?, select(exists(...)) only?)``."""
+    return _remembered("facts", _structure(statement) if ENABLED else None,  # type: ignore[no-any-return]
+                       lambda: (*locality(statement), is_exists_only(statement)))
 
 
 def route_key(statement: Any, params: Any) -> Any:
@@ -212,34 +218,16 @@ def shards(statement: Any, params: Any = None, lookups: Any = None) -> list[str]
     if lookups is not None:
         _caches.uncached += 1
         return shards_for(statement, params, lookups=lookups)
-    key = route_key(statement, params) if ENABLED else None
-    if key is None:
-        _caches.uncached += 1
-        return shards_for(statement, params)
-    caches = _caches.current()
-    found = caches.routes.get(key)
-    if found is None:
-        found = caches.remember(caches.routes, key, tuple(shards_for(statement, params)))
-    else:
-        caches.hits += 1
-    return list(found)
+    return list(_remembered("routes", route_key(statement, params) if ENABLED else None,
+                            lambda: tuple(shards_for(statement, params))))
 
 
 def lookup_values(statement: Any, params: Any = None) -> dict[str, set[str]]:
     """:func:`shardlib.analysis.lookup_values` (which lookup values a WHERE asks for: no I/O,
     a pure function of the statement, its values and the parameters), remembered under the
     routing key. Most statements ask for none: they then cost a dictionary lookup."""
-    key = route_key(statement, params) if ENABLED else None
-    if key is None:
-        _caches.uncached += 1
-        return _lookup_values(statement, params)
-    caches = _caches.current()
-    found = caches.lookups.get(key)
-    if found is None:
-        found = caches.remember(caches.lookups, key, {name: frozenset(values) for name, values
-                                                      in _lookup_values(statement, params).items()})
-    else:
-        caches.hits += 1
+    found = _remembered("lookups", route_key(statement, params) if ENABLED else None,
+                        lambda: {name: frozenset(values) for name, values in _lookup_values(statement, params).items()})
     return {name: set(values) for name, values in found.items()}  # the caller's own copy
 
 
@@ -248,16 +236,8 @@ def plan(statement: Any, dialect: Any, make_plan: Any) -> Any:
     same key as routing plus the dialect. A plan embeds the statement's values (its per-shard
     statement, LIMIT, OFFSET), so only the same structure *with the same values* shares one."""
     key = route_key(statement, None) if ENABLED else None
-    if key is None:
-        _caches.uncached += 1
-        return make_plan(statement, dialect)
-    key = (key, dialect)  # a Dialect object (one per engine) or a dialect name
-    caches = _caches.current()
-    found = caches.plans.get(key)
-    if found is None:
-        return caches.remember(caches.plans, key, make_plan(statement, dialect))
-    caches.hits += 1
-    return found
+    return _remembered("plans", (key, dialect) if key is not None else None,  # dialect: object or name
+                       lambda: make_plan(statement, dialect))
 
 
 def stats() -> dict[str, int]:
