@@ -195,20 +195,24 @@ class Catalog:
         """The current map (version 1, the default, is written if the catalog is empty),
         activated for this process."""
         if self.path is not None:
-            latest = self._sqlite_latest()
+            return self._load_sqlite()
+        async with self.engine.begin() as conn:
+            latest = await conn.run_sync(self._server_latest_sync)
             if latest is None:
-                self._sqlite_publish(DEFAULT_MAP, "initial map", expected=0)
-                latest = self._sqlite_latest()
-            self._stamp = self._sqlite_stamp()
-        else:
-            async with self.engine.begin() as conn:
-                latest = await conn.run_sync(self._server_latest_sync)
-                if latest is None:
-                    await conn.execute(insert(shard_map_table).values(
-                        version=DEFAULT_MAP.version, body=DEFAULT_MAP.to_json(),
-                        reason="initial map", published_at=_now()))
-                    latest = (DEFAULT_MAP.version, DEFAULT_MAP.to_json())
-            self._checked_at = time.monotonic()
+                await conn.execute(insert(shard_map_table).values(
+                    version=DEFAULT_MAP.version, body=DEFAULT_MAP.to_json(),
+                    reason="initial map", published_at=_now()))
+                latest = (DEFAULT_MAP.version, DEFAULT_MAP.to_json())
+        self._checked_at = time.monotonic()
+        return self._activate(*latest)
+
+    def _load_sqlite(self) -> ShardMap:
+        """:meth:`load` for a SQLite catalog: synchronous, so usable outside an event loop."""
+        latest = self._sqlite_latest()
+        if latest is None:
+            self._sqlite_publish(DEFAULT_MAP, "initial map", expected=0)
+            latest = self._sqlite_latest()
+        self._stamp = self._sqlite_stamp()
         assert latest is not None
         return self._activate(*latest)
 
@@ -271,7 +275,6 @@ class Catalog:
         expected = new.version - 1
         if self.path is not None:
             self._sqlite_publish(new, reason, expected=expected)
-            self._stamp = self._sqlite_stamp()
         else:
             try:
                 async with self.engine.begin() as conn:
@@ -286,16 +289,23 @@ class Catalog:
             except IntegrityError:
                 raise StaleMapError(f"version {new.version} was published by someone else "
                                     f"first; reload the map and try again") from None
+        return self._wrote(new)
+
+    def _wrote(self, shard_map: ShardMap) -> ShardMap:
+        """After this process wrote ``shard_map`` to the catalog: route by it, and do
+        not read the catalog again for it (file stamp, or the server's interval)."""
+        if self.path is not None:
+            self._stamp = self._sqlite_stamp()
+        else:
             self._checked_at = time.monotonic()
-        shards.activate(new)
-        self._map = new
-        return new
+        shards.activate(shard_map)
+        self._map = shard_map
+        return shard_map
 
     async def reset(self) -> ShardMap:
         """Forget every version; the map is :data:`~shardlib.shards.DEFAULT_MAP` again."""
         if self.path is not None:
             self._sqlite_reset(DEFAULT_MAP)
-            self._stamp = self._sqlite_stamp()
         else:
             async with self.engine.begin() as conn:
                 await conn.run_sync(lambda c: catalog_metadata.create_all(c, checkfirst=True))
@@ -303,10 +313,7 @@ class Catalog:
                 await conn.execute(insert(shard_map_table).values(
                     version=DEFAULT_MAP.version, body=DEFAULT_MAP.to_json(), reason="reset",
                     published_at=_now()))
-            self._checked_at = time.monotonic()
-        shards.activate(DEFAULT_MAP)
-        self._map = DEFAULT_MAP
-        return DEFAULT_MAP
+        return self._wrote(DEFAULT_MAP)
 
     async def history(self) -> Any:
         """Every version as a DataFrame: version, reason, when, and where each continent was."""
@@ -336,7 +343,7 @@ def load_blocking(catalog: Catalog) -> ShardMap:
     loop (a notebook cell): on SQLite directly; on servers in a short-lived
     thread with its own loop and its own engine."""
     if catalog.path is not None:
-        return _load_sqlite_now(catalog)
+        return catalog._load_sqlite()
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -361,16 +368,6 @@ def load_blocking(catalog: Catalog) -> ShardMap:
     catalog._checked_at = time.monotonic()
     catalog._map = result["map"]
     return result["map"]  # type: ignore[no-any-return]
-
-
-def _load_sqlite_now(catalog: Catalog) -> ShardMap:
-    latest = catalog._sqlite_latest()
-    if latest is None:
-        catalog._sqlite_publish(DEFAULT_MAP, "initial map", expected=0)
-        latest = catalog._sqlite_latest()
-    catalog._stamp = catalog._sqlite_stamp()
-    assert latest is not None
-    return catalog._activate(*latest)
 
 
 ENGINES_KEY = "shardlib.engines"

@@ -158,6 +158,7 @@ class ShardEngines(dict[str, AsyncEngine]):
         self._factory = factory
         self.sync_shards: dict[str, Any] = {name: e.sync_engine for name, e in engines.items()}
         self.data_dir: Path | None = None
+        self._ensured_for: ShardMap | None = None  # the map ensure() last saw
 
     def ensure(self, shard_map: ShardMap) -> list[str]:
         """Make engines for databases of ``shard_map`` that have none yet; return their names."""
@@ -168,6 +169,7 @@ class ShardEngines(dict[str, AsyncEngine]):
                 self[name] = engine
                 self.sync_shards[name] = engine.sync_engine
                 added.append(name)
+        self._ensured_for = shard_map  # only once every engine exists
         return added
 
     def refresh(self) -> ShardMap:
@@ -176,8 +178,7 @@ class ShardEngines(dict[str, AsyncEngine]):
         if self.catalog is None:
             return current_map()
         shard_map = self.catalog.refresh()
-        if len(shard_map.databases) != len(self.sync_shards) or any(
-                name not in self for name in shard_map.databases):
+        if shard_map is not self._ensured_for:  # a new map: once, not on every statement
             self.ensure(shard_map)
         return shard_map
 
