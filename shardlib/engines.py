@@ -172,6 +172,15 @@ class ShardEngines(dict[str, AsyncEngine]):
         self._ensured_for = shard_map  # only once every engine exists
         return added
 
+    async def drop_others(self, shard_map: ShardMap) -> list[str]:
+        """Dispose of the engines of databases ``shard_map`` does not name (after a
+        reset to the default map); return their names."""
+        gone = [name for name in self if name not in shard_map.databases]
+        for name in gone:
+            self.sync_shards.pop(name, None)
+            await self.pop(name).dispose()
+        return gone
+
     def refresh(self) -> ShardMap:
         """Activate the catalog's current map if it changed (cheap otherwise; see
         :mod:`shardlib.catalog`) and make engines for new databases."""
@@ -268,7 +277,7 @@ async def reset(engines: Mapping[str, AsyncEngine], *, first_sequence_number: in
 
     catalog = getattr(engines, "catalog", None)
     if catalog is not None:  # back to the default map, before the shards are rebuilt for it
-        await catalog.reset()
+        await engines.drop_others(await catalog.reset())  # type: ignore[attr-defined]
     check_engines(engines)
     for shard in SHARD_IDS:  # a database only an older map named is emptied when it is added again
         await rebuild(engines[shard], shard, first_sequence_number=first_sequence_number)
