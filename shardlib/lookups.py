@@ -100,7 +100,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -187,11 +187,20 @@ class DuplicateLookupValue(ValueError):
 # ====================================================================== reading
 
 
+def _in_order(value: Any) -> Any:
+    """A sort key for values of mixed types (a city given as ``7`` among text on SQLite, which
+    stores it as ``'7'``): by type name first, so that sorting (the order in which unique values
+    are claimed) never compares an int with a str."""
+    if isinstance(value, tuple):
+        return tuple(map(_in_order, value))
+    return type(value).__name__, value
+
+
 def read_entries(connection: Connection, lookup: Lookup, values: Iterable[str]) -> dict[str, set[int]]:
     """``value -> location ids`` for ``values``, read on ``connection`` (one query)."""
     table = lookup.table
     found: dict[str, set[int]] = {}
-    wanted = sorted(set(values))
+    wanted = sorted(set(values), key=_in_order)
     if not wanted:
         return found
     rows = connection.execute(
@@ -343,7 +352,7 @@ def create_entries(entries: Sequence[tuple[Lookup, str, int]], lookup_connection
                     f"{location_id}); {lookup.name} values are unique across all shards"
                 )
     for lookup in LOOKUPS:
-        mine = sorted({(v, i) for lk, v, i in entries if lk is lookup})
+        mine = sorted({(v, i) for lk, v, i in entries if lk is lookup}, key=_in_order)
         if not mine:
             continue
         if lookup.unique:  # the common case in three statements: read, insert the free values, done
@@ -365,7 +374,7 @@ def remove_entries(entries: Iterable[tuple[Lookup, str, int]], lookup_connection
                    owner_connection: Any) -> int:
     """Remove entries whose row no longer holds the value (checked first: never remove a live one)."""
     removed = 0
-    for lookup, value, location_id in sorted(set(entries), key=lambda e: (e[0].name, e[1], e[2])):
+    for lookup, value, location_id in sorted(set(entries), key=lambda e: (e[0].name, _in_order(e[1:]))):
         shard = shard_for_id(location_id)
         if shard is not None and _owner_holds(owner_connection(shard), lookup, value, location_id):
             continue  # the row holds this value again (changed back): keep the entry
@@ -663,16 +672,20 @@ def _matching_rows(session: Session, statement: Any, params: Any, shards: Sequen
 # ---------------------------------------------------------------------- bulk_insert (no session)
 
 
-async def bulk_created(engines: Mapping[str, AsyncEngine], rows: Iterable[tuple[int, Mapping[str, Any]]]) -> None:
-    """:func:`shardlib.bulk_insert`: create the entries for ``(id, row)`` in one transaction
-    on ``COUNTER_SHARD``, committed before any shard is written (a duplicate unique value
-    raises and nothing is written anywhere)."""
-    creates = [(lookup, row[lookup.column.key], location_id) for location_id, row in rows
-               for lookup in LOOKUPS if row.get(lookup.column.key) is not None]
+async def bulk_created(engines: Mapping[str, AsyncEngine],
+                       values: Callable[[str], Iterable[tuple[Any, int]]]) -> None:
+    """:func:`shardlib.bulk_insert`: create the entries for the rows about to be written
+    (``values(column)``: ``(value, location id)`` of each row whose ``column`` is set) in one
+    transaction on ``COUNTER_SHARD``, committed before any shard is written (a duplicate
+    unique value raises and nothing is written anywhere).
+
+    Without the lookup tables only unique values are asked for (and refused): a load of rows
+    with no station costs nothing here."""
+    enabled = await _enabled_on(engines[COUNTER_SHARD])
+    creates = [(lookup, value, location_id) for lookup in LOOKUPS if enabled or lookup.unique
+               for value, location_id in values(lookup.column.key)]
     if not creates:
         return
-    async with engines[COUNTER_SHARD].connect() as conn:
-        enabled = await conn.run_sync(lambda c: is_enabled(c.engine))
     if not enabled:
         _refuse_unique_without_lookups(creates)
         return
@@ -693,6 +706,14 @@ async def bulk_created(engines: Mapping[str, AsyncEngine], rows: Iterable[tuple[
 
     async with engines[COUNTER_SHARD].begin() as conn:
         await conn.run_sync(go)
+
+
+async def _enabled_on(engine: AsyncEngine) -> bool:
+    known = _enabled.get(engine.sync_engine)
+    if known is None:
+        async with engine.connect() as conn:
+            known = await conn.run_sync(lambda c: is_enabled(c.engine))
+    return known
 
 
 # ====================================================================== verify / repair
