@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 import shardlib
 from shardlib import SHARD_IDS, Report, WeatherLocation, bulk_insert, shard_for_id, trace
 
-from .conftest import FIXED_TIME, Unsharded, standalone_world
+from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
 
 
 def _frames(world, table):
@@ -176,6 +176,8 @@ def test_generated_loads_store_exactly_what_an_unsharded_database_stores(load_wo
     from sqlalchemy import delete, text
 
     world = load_world
+    if on_postgres():  # PostgreSQL stores neither a NUL in text nor an int in a VARCHAR (both refuse)
+        rows = [r for r in rows if isinstance(r["city"], str) and "\x00" not in r["city"]]
 
     async def clear() -> None:
         for shard, engine in world.engines.items():
@@ -220,11 +222,13 @@ def test_text_travels_as_one_column_parameter_and_anything_else_as_tuples(world,
     ``json_each``; PostgreSQL: an array for ``unnest``); values it could not carry exactly
     (SQLite's ``json_each`` ends text at a NUL; a number is not text) go as ``executemany``."""
     rows = [{"continent": "Asia", "city": "Kyoto"}, {"continent": "Asia", "city": city}]
+    if on_postgres() and how == "tuples":
+        pytest.skip("PostgreSQL refuses both a NUL in text and an int for a VARCHAR, whichever way they are sent")
     with trace(world.engines) as t:
         world.run(bulk_insert(world.engines, WeatherLocation, rows))
     inserts = [r for r in t.records if r["sql"].startswith("INSERT INTO weather_locations")]
     sqlite = world.engines["asia"].dialect.name == "sqlite"
-    if how == "columnar" or not sqlite and city != 7:  # PostgreSQL refuses a NUL in text either way
+    if how == "columnar":
         assert len(inserts) == 1 and not inserts[0]["executemany"]
         assert ("json_each" if sqlite else "unnest") in inserts[0]["sql"]
     else:
