@@ -76,7 +76,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, ScalarSelect
 
-from . import guards, joins, lookups, reference, routecache
+from . import guards, joins, lookups, reference, routecache, routing
 from .catalog import ENGINES_KEY as _ENGINES
 from .catalog import refresh_map
 from .analysis import canonical, shards_for
@@ -187,6 +187,11 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = statement.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
+    if (not concatenate and not loader and isinstance(statement, Select)
+            and session.execute_chooser is routing.execute_chooser):  # the common case, remembered whole:
+        shard = routecache.one_shard(statement, params)  # what the steps below would decide, one lookup
+        if shard is not None:
+            return _in_place(orm_context, shard)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
         problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
         if problem and (orm_context.execution_options.get(joins.CROSS_SHARD_JOIN)

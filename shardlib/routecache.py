@@ -11,7 +11,7 @@ answers, keyed the way SQLAlchemy keys its own compiled-SQL cache::
         .key                              # (SQLAlchemy computes it anyway, once per
         .bindparams                       #  statement object, to find the compiled SQL)
 
-Two caches, each answer a pure function of what is in its key:
+The caches, each answer a pure function of what is in its key:
 
 =========================  =================================================
 question                   key
@@ -24,6 +24,9 @@ question                   key
                            ``continent == 'Asia'`` and ``continent ==
                            'Europe'`` share a cache key and differ in their
                            values
+*the one shard of a plain*  the same key (:func:`one_shard`): locality,
+*SELECT*                   lookups and routes in one lookup, for the
+                           statement most programs run most often
 *gather's plan*            the same, plus the dialect (:func:`plan`: a plan
 (:func:`shardlib.gather`)  carries the statement's own values)
 =========================  =================================================
@@ -101,13 +104,14 @@ def _freeze_params(params: Any) -> Any:
 
 
 class _Caches:
-    """Four bounded dicts (emptied when full: simpler and cheaper per hit than an LRU)."""
+    """Five bounded dicts (emptied when full: simpler and cheaper per hit than an LRU)."""
 
     def __init__(self) -> None:
         self.facts: dict[Any, tuple[str | None, bool, bool]] = {}
         self.routes: dict[Any, tuple[str, ...]] = {}
         self.plans: dict[Any, Any] = {}
         self.lookups: dict[Any, dict[str, frozenset[str]]] = {}
+        self.single: dict[Any, str] = {}
         self.shard_map: Any = None
         self.hits = 0
         self.misses = 0
@@ -121,6 +125,7 @@ class _Caches:
             self.routes.clear()
             self.plans.clear()
             self.lookups.clear()
+            self.single.clear()
             self.shard_map = shard_map
         return self
 
@@ -231,6 +236,30 @@ def lookup_values(statement: Any, params: Any = None) -> dict[str, set[str]]:
     return {name: set(values) for name, values in found.items()}  # the caller's own copy
 
 
+def one_shard(statement: Any, params: Any = None) -> str | None:
+    """The one shard a SELECT runs on when nothing but its routing decides it, or ``None``.
+
+    The common case in one dictionary lookup (keyed as the routes are): a SELECT
+    that reads a sharded table, that every shard can answer alone, that is not an
+    EXISTS probe, whose WHERE names no lookup value (city, station: the lookup
+    tables would have to be asked, and their answers are data, never remembered)
+    and that :func:`shardlib.analysis.shards_for` sends to exactly one shard.
+    Anything else is ``None``: the caller takes the full path, which asks each of
+    those questions in turn (and remembers each answer on its own).
+    """
+    found = _remembered("single", route_key(statement, params) if ENABLED else None,
+                        lambda: _one_shard(statement, params))
+    return found or None
+
+
+def _one_shard(statement: Any, params: Any) -> str:
+    problem, reads_sharded, exists_only = facts(statement)
+    if problem or not reads_sharded or exists_only or _lookup_values(statement, params):
+        return ""  # remembered too: "take the full path"
+    found = shards_for(statement, params)
+    return found[0] if len(found) == 1 else ""
+
+
 def plan(statement: Any, dialect: Any, make_plan: Any) -> Any:
     """``make_plan(statement, dialect)`` (:func:`shardlib.gather.plan`), remembered under the
     same key as routing plus the dialect. A plan embeds the statement's values (its per-shard
@@ -253,4 +282,5 @@ def clear() -> None:
     _last = (None, None)
 
 
-__all__ = ["CAPACITY", "ENABLED", "MAX_LIST", "clear", "facts", "lookup_values", "plan", "route_key", "shards", "stats"]
+__all__ = ["CAPACITY", "ENABLED", "MAX_LIST", "clear", "facts", "lookup_values", "one_shard", "plan", "route_key", "shards",
+           "stats"]

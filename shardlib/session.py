@@ -145,6 +145,8 @@ class ShardlibSession(ShardedSession):
         (see :func:`_gc_paused_for`). An UPDATE or DELETE that found its row gone
         because the row's continent moved to another database meanwhile raises
         the retryable :class:`shardlib.ContinentMoved`, not ``StaleDataError``."""
+        if objects is None and self._is_clean():  # autoflush before every query: nothing to do
+            return
         # a failed flush rolls back and expires them: note which rows it was changing
         changing = [s.key for s in (*self.identity_map._modified, *self._deleted) if s.key is not None]
         try:

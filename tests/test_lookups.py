@@ -207,6 +207,13 @@ def test_city_filter_asks_the_lookup_then_one_shard_and_nowhere_for_an_unknown_c
         assert world.run(go(select(WL).where(WL.city == "Atlantis"))) == []
     assert len(t.statements()) == 1 and "city_lookup" in t.statements()[0]["sql"]  # no shard ran the SELECT
 
+    # with the continent named too (one shard by routing alone), the lookup still has the last word:
+    for continent, city in (("Asia", "Atlantis"), ("Europe", "Tokyo")):  # nobody / only asia holds it
+        for _ in range(2):  # the second run is a routing-cache hit
+            with trace(world.engines) as t:
+                assert world.run(go(select(WL).where(WL.continent == continent, WL.city == city))) == []
+            assert len(t.statements()) == 1 and "city_lookup" in t.statements()[0]["sql"], t.statements()
+
     with trace(world.engines) as t:
         egll = world.run(go(select(WL).where(WL.station == "EGLL")))
     assert [x.city for x in egll] == ["London"] and main_statement_shards(t) == [["europe"]]
