@@ -147,17 +147,17 @@ class Unsharded:
         self.loop.run_until_complete(self.engine.dispose())
 
 
-def locations_by_shard(world: World) -> dict[str, list[tuple[int, str, str]]]:
-    """Each shard's ``(id, continent, city)`` rows, read straight from its engine
-    (plain SQL, no shardlib routing): the independent reader for write tests."""
+def locations_by_shard(world: World, columns: str = "id, continent, city") -> dict[str, list[tuple[Any, ...]]]:
+    """Each shard's ``(id, continent, city)`` rows (or other ``columns``), read straight
+    from its engine (plain SQL, no shardlib routing): the independent reader for write tests."""
     from sqlalchemy import text
 
-    async def go() -> dict[str, list[tuple[int, str, str]]]:
+    async def go() -> dict[str, list[tuple[Any, ...]]]:
         found = {}
         for shard, engine in world.engines.items():
             async with engine.connect() as conn:
                 found[shard] = [tuple(r) for r in await conn.execute(
-                    text("SELECT id, continent, city FROM weather_locations ORDER BY id"))]
+                    text(f"SELECT {columns} FROM weather_locations ORDER BY id"))]
         return found
 
     return world.run(go())

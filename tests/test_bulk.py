@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 import shardlib
 from shardlib import SHARD_IDS, Report, WeatherLocation, bulk_insert, shard_for_id, trace
 
-from .conftest import FIXED_TIME, Unsharded, on_postgres, standalone_world
+from .conftest import FIXED_TIME, Unsharded, locations_by_shard, on_postgres, standalone_world
 
 
 def _frames(world, table):
@@ -147,17 +147,7 @@ def _loads(draw: Any) -> list[dict[str, Any]]:
 
 
 def _stored(world: Any) -> dict[str, list[tuple[Any, ...]]]:
-    from sqlalchemy import text
-
-    async def go() -> dict[str, list[tuple[Any, ...]]]:
-        found = {}
-        for shard, engine in world.engines.items():
-            async with engine.connect() as conn:
-                found[shard] = [tuple(r) for r in await conn.execute(
-                    text("SELECT id, continent, city, station FROM weather_locations ORDER BY id"))]
-        return found
-
-    return world.run(go())
+    return locations_by_shard(world, "id, continent, city, station")
 
 
 @pytest.fixture(scope="module")
