@@ -231,10 +231,33 @@ def reserve_ids(session: Session, numbers: list[int]) -> None:
     _allocator(session).reserve(numbers, own_connection=_counter_connection(session))
 
 
+def _loaded_keys(states: Any) -> list[Any]:
+    """Identity keys of loaded ``states``; a report counts as its location, loaded from the
+    same database (a report lives with its location)."""
+    keys = []
+    for state in states:
+        key = state.key
+        if key is None:
+            continue
+        if key[0] is Report:
+            location_id = state.committed_state.get("location_id", state.dict.get("location_id"))
+            if location_id is None:
+                continue
+            key = (WeatherLocation, (location_id,), key[2])
+        keys.append(key)
+    return keys
+
+
 def _moved_since_loaded(keys: list[Any]) -> Any:
     """A :class:`~shardlib.resharding.ContinentMoved` if a changed or deleted
     location (identity ``keys``) was loaded from a database that no longer
-    stores its continent."""
+    stores its continent.
+
+    Asked before every flush (after the shard map is refreshed) and again if a
+    flush fails with ``StaleDataError``: an UPDATE or DELETE sent to the old
+    database is fenced there, and after the move's clean-up it matches nothing,
+    which SQLAlchemy reports for an UPDATE but only *warns* about for a DELETE,
+    so a delete would silently not happen."""
     from .resharding import ContinentMoved
 
     for key in keys:
@@ -303,6 +326,9 @@ def _check_stays_on_its_shard(obj: Any) -> None:
 @event.listens_for(ShardlibSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     refresh_map(session)
+    moved = _moved_since_loaded(_loaded_keys([*session.identity_map._modified, *session._deleted]))
+    if moved is not None:  # its UPDATE or DELETE would go to the old database: refuse before any SQL
+        raise moved
     new = [instance_state(o) for o in session.new]
     shard_index: dict[Any, int] = {}
     needs_id = []
