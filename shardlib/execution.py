@@ -187,12 +187,11 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
 
     concatenate = bool(orm_context.execution_options.get(CONCATENATE))
     loader = statement.is_select and (orm_context.is_relationship_load or orm_context.is_column_load)
-    if (not concatenate and not loader and isinstance(statement, Select)
-            and session.execute_chooser is routing.execute_chooser):  # the common case, remembered whole:
-        shard = routecache.one_shard(statement, params)  # what the steps below would decide, one lookup
-        if shard is not None:
-            return _in_place(orm_context, shard)
     if not concatenate and not loader and isinstance(statement, (Select, CompoundSelect)):
+        if isinstance(statement, Select) and session.execute_chooser is routing.execute_chooser:
+            shard = routecache.one_shard(statement, params)  # the common case: what the steps below
+            if shard is not None:  # would decide, remembered whole, one lookup
+                return _in_place(orm_context, shard)
         problem, reads_sharded, exists_only = routecache.facts(statement)  # locality(), remembered
         if problem and (orm_context.execution_options.get(joins.CROSS_SHARD_JOIN)
                         or orm_context.local_execution_options.get(joins.CROSS_SHARD_JOIN)):
