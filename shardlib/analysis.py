@@ -252,15 +252,23 @@ def column_role(expr: Any) -> str | None:
     Aliases count (every alias of ``weather_locations`` reads rows of the same
     shard); columns of subqueries and expressions do not.
     """
+    found = _known_column(expr, _ROLE_BY_NAME, lambda role_and_column: role_and_column[1])
+    return None if found is None else found[0]
+
+
+def _known_column(expr: Any, by_name: Mapping[tuple[str, str], Any], column_of: Any) -> Any:
+    """The entry of ``by_name`` (keyed by table name and column name) for the stored column
+    ``expr`` reads, directly or through an alias of its table; ``None`` for anything else
+    (a column of a subquery, an expression, a same-named column of another lineage)."""
     if not isinstance(expr, ColumnClause):
         return None
     table = base_table(expr)
     if table is None:
         return None
-    found = _ROLE_BY_NAME.get((table.name, expr.name))
-    if found is None or not expr.shares_lineage(found[1]):
+    found = by_name.get((table.name, expr.name))
+    if found is None or not expr.shares_lineage(column_of(found)):
         return None
-    return found[0]
+    return found
 
 
 def _typed(values: Iterable[Any]) -> frozenset[Any] | None:
@@ -282,15 +290,7 @@ _LOOKUP_BY_NAME = {(lk.column.table.name, lk.column.name): lk for lk in LOOKUPS}
 
 def lookup_of(expr: Any) -> Any:
     """The :class:`~shardlib.models.Lookup` of a column (or an alias's column) that has one."""
-    if not isinstance(expr, ColumnClause):
-        return None
-    table = base_table(expr)
-    if table is None:
-        return None
-    found = _LOOKUP_BY_NAME.get((table.name, expr.name))
-    if found is None or not expr.shares_lineage(found.column):
-        return None
-    return found
+    return _known_column(expr, _LOOKUP_BY_NAME, lambda lookup: lookup.column)
 
 
 def lookup_values(statement: Any, params: Mapping[str, Any] | None = None) -> dict[str, set[str]]:
