@@ -85,7 +85,7 @@ test-browser: venv
 	$(BIN)python -m pytest -q -m browser tests/browser
 
 bench: venv
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)python $$b || exit 1; done
 
 clean:
 	rm -rf notebooks/shard_data shard_data artifacts .pytest_cache

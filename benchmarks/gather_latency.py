@@ -14,6 +14,7 @@ latency); ``shardlib.gather`` visits them concurrently (about 1 x).
 from __future__ import annotations
 
 import argparse
+import functools
 import asyncio
 import statistics
 import sys
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import shardlib  # noqa: E402
 from shardlib import Report, WeatherLocation  # noqa: E402
 from shardlib.latency import injected_latency  # noqa: E402
+from _spread import quantile  # noqa: E402
 
 
 async def measure(latency_ms: float, repeat: int) -> list[dict[str, Any]]:
@@ -100,7 +102,7 @@ def main() -> int:
     for row in rows:
         print(f"{row['approach']:<40} {row['median_ms']:>10.1f} {row['min_ms']:>10.1f}")
     speedups = sorted(s / g for s, g in zip(rows[0]["times"], rows[1]["times"]))
-    quartile = lambda q: speedups[round(q * (len(speedups) - 1))]  # noqa: E731
+    quartile = functools.partial(quantile, speedups)
     print(f"speed-up: {statistics.median(speedups):.2f}x median of the {args.repeat} interleaved pairs "
           f"(25th-75th percentile {quartile(0.25):.2f}-{quartile(0.75):.2f}x, min-max "
           f"{speedups[0]:.2f}-{speedups[-1]:.2f}x; target >= 3.8x; the limit is 4x)")

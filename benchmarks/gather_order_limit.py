@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import shardlib  # noqa: E402
 from shardlib import Base, WeatherLocation  # noqa: E402
+from _spread import quantile  # noqa: E402
 
 WL = WeatherLocation
 
@@ -89,8 +90,8 @@ async def measure(rows: int, repeat: int) -> list[dict[str, Any]]:
         for name in sides:
             ratios = sorted(m / u for m, u in zip(times[name], times["unsharded"]))
             results.append({"statement": label, "side": name, "median_ms": statistics.median(times[name]),
-                            "ratio": statistics.median(ratios), "low": ratios[round(0.25 * (len(ratios) - 1))],
-                            "high": ratios[round(0.75 * (len(ratios) - 1))]})
+                            "ratio": statistics.median(ratios), "low": quantile(ratios, 0.25),
+                            "high": quantile(ratios, 0.75)})
     await shardlib.dispose(engines)
     await unsharded.dispose()
     return results

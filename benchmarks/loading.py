@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sqlite3
 import statistics
@@ -40,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import shardlib  # noqa: E402
+from _spread import quantile  # noqa: E402
 from seed_example import SeedLocation, seed_setup  # noqa: E402
 from shardlib import CONTINENTS, SHARD_IDS, WeatherLocation  # noqa: E402
 
@@ -189,7 +191,7 @@ def main() -> int:
     for ratios, peer, target in zip(asyncio.run(bulk_vs_raw(args.quick, pairs)),
                                     ("raw sqlite3 executemany", "raw sqlite3 json_each"),
                                     ("; target >= 80%", ": shardlib's overhead over its own technique")):
-        quartile = lambda q: ratios[round(q * (len(ratios) - 1))]  # noqa: E731
+        quartile = functools.partial(quantile, ratios)
         print(f"bulk_insert / {peer}, same rows, in-memory, {pairs} interleaved runs: "
               f"median {100 * statistics.median(ratios):.0f}% (25th-75th percentile {100 * quartile(0.25):.0f}-"
               f"{100 * quartile(0.75):.0f}%, min-max {100 * ratios[0]:.0f}-{100 * ratios[-1]:.0f}%{target})")

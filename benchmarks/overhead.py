@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import statistics
 import time
@@ -29,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import shardlib
+from _spread import quantile
 from shardlib import Base, Report, WeatherLocation
 
 CONTINENTS = list(shardlib.CONTINENTS)
@@ -135,7 +137,7 @@ WORKLOADS = {
 
 def _spread(values: list[float]) -> str:
     ordered = sorted(values)
-    quartile = lambda q: ordered[round(q * (len(ordered) - 1))]  # noqa: E731
+    quartile = functools.partial(quantile, ordered)
     return f"{quartile(0.25):.2f}-{quartile(0.75):.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
 
 
